@@ -1,0 +1,59 @@
+"""Request bodies over the payload limit get 413 before they are buffered whole."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ember.api.errors import ApiException
+
+
+def _too_large(limit: int) -> ApiException:
+    return ApiException(
+        413,
+        "payload_too_large",
+        f"request body is over the {limit} byte limit (set by `ember server --max-payload`)",
+    )
+
+
+class PayloadLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                body = (
+                    b'{"error":{"code":"payload_too_large","message":"request body of '
+                    + value
+                    + b" bytes is over the "
+                    + str(self.max_bytes).encode()
+                    + b' byte limit (set by ember server --max-payload)"}}'
+                )
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 413,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _too_large(self.max_bytes)
+            return msg
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,248 @@
+"""`ember ...`: start a server, deploy a file, call functions, follow jobs and logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ember import config
+from ember.errors import EmberError
+
+app = typer.Typer(
+    name="ember",
+    help="ember: deploy a Python function, call it over HTTP, scale to zero, on your own machines.\n\n"
+    "Start a server with `ember server`, deploy with `ember deploy FILE`, call with "
+    "`ember call APP/FN --data '{\"x\": 3}'`. Clients read EMBER_URL (default "
+    f"{config.DEFAULT_URL}) and EMBER_TOKEN (default: the token file in the server's data dir).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _client() -> Any:
+    from ember.sdk.client import Client
+
+    return Client()
+
+
+def _split(target: str) -> tuple[str, str]:
+    app_name, sep, fn = target.partition("/")
+    if not sep or not app_name or not fn:
+        raise typer.BadParameter(
+            f"{target!r} is not APP/FUNCTION (e.g. demo/square or demo/Embedder.embed)"
+        )
+    return app_name, fn
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+def _print_json(data: Any) -> None:
+    out.print_json(json.dumps(data))
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port for the HTTP API")] = config.DEFAULT_PORT,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where the database, token, bundles and logs live [default: $EMBER_DATA_DIR or ./.ember]"
+        ),
+    ] = None,
+    max_payload: Annotated[
+        int, typer.Option(help="largest request body in bytes (413 above)")
+    ] = int(os.environ.get("EMBER_MAX_PAYLOAD", config.DEFAULT_MAX_PAYLOAD)),
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Run ember on this machine: the API, SQLite in the data dir, and local worker processes.
+
+    Stop it with Ctrl-C or SIGTERM: every worker it started is stopped too.
+    """
+    from ember.server import serve
+
+    serve(
+        host=host,
+        port=port,
+        data_dir=config.data_dir(data_dir),
+        max_payload=max_payload,
+        log_level=log_level,
+    )
+
+
+@app.command()
+def deploy(
+    file: Annotated[Path, typer.Argument(help="a Python file that defines an ember.App")],
+) -> None:
+    """Deploy the apps a Python file defines (the file's source is uploaded as a new version)."""
+    from ember.sdk.deploy import deploy_file
+
+    try:
+        results = deploy_file(file)
+    except EmberError as exc:
+        _fail(exc)
+    for r in results:
+        out.print(
+            f"[green]deployed[/green] app [bold]{r['app']}[/bold] version {r['version']}: "
+            + ", ".join(r["functions"])
+        )
+        for fn in r["functions"]:
+            out.print(f"  ember call {r['app']}/{fn} --data '{{...}}'")
+
+
+@app.command()
+def call(
+    target: Annotated[
+        str, typer.Argument(help="APP/FUNCTION, e.g. demo/square or demo/Embedder.embed")
+    ],
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="keyword arguments as a JSON object")
+    ] = "{}",
+    async_: Annotated[
+        bool, typer.Option("--async", help="print the job id and return at once")
+    ] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="print each yielded value as it arrives")
+    ] = False,
+) -> None:
+    """Call a deployed function and print its output (or its job id with --async)."""
+    app_name, fn = _split(target)
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--data is not valid JSON: {exc}") from None
+    client = _client()
+    try:
+        if async_ or stream:
+            job_id = client.run(app_name, fn, payload)["id"]
+            if async_:
+                out.print(job_id)
+                return
+            for event, value in client.stream(job_id):
+                if event == "output":
+                    _print_json(value)
+                elif event == "done" and value["status"] != "COMPLETED":
+                    _print_json(value)
+                    raise typer.Exit(1)
+            return
+        body = client.runsync(app_name, fn, payload)
+        while body["status"] in ("IN_QUEUE", "IN_PROGRESS"):
+            body = client.get_job(body["id"], wait=30)
+    except EmberError as exc:
+        _fail(exc)
+    if body["status"] == "COMPLETED":
+        _print_json(body["output"])
+        t = body["timings"]
+        err.print(
+            f"[dim]{body['id']}  total {t['total_ms']:.1f} ms (queue {t['queue_ms']:.1f}, "
+            f"cold start {t['cold_start_ms']:.1f}, load {t['load_ms']:.1f}, exec {t['exec_ms']:.1f}, "
+            f"post {t['post_ms']:.1f})[/dim]"
+        )
+        return
+    _print_json(body)
+    raise typer.Exit(1)
+
+
+@app.command()
+def job(
+    job_id: Annotated[str, typer.Argument(help="a job id, as printed by `ember call --async`")],
+    wait: Annotated[bool, typer.Option("--wait", help="wait until the job ends")] = False,
+) -> None:
+    """Show a job: status, output or error, timings."""
+    client = _client()
+    try:
+        body = client.get_job(job_id)
+        while wait and body["status"] in ("IN_QUEUE", "IN_PROGRESS"):
+            body = client.get_job(job_id, wait=30)
+    except EmberError as exc:
+        _fail(exc)
+    _print_json(body)
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="the job to cancel")]) -> None:
+    """Cancel a queued or running job; running code is stopped."""
+    try:
+        body = _client().cancel(job_id)
+    except EmberError as exc:
+        _fail(exc)
+    out.print(f"{body['id']}: {body['status']}")
+
+
+@app.command()
+def apps() -> None:
+    """List deployed apps, their current version and functions."""
+    try:
+        items = _client().list_apps()
+    except EmberError as exc:
+        _fail(exc)
+    if not items:
+        out.print("no apps deployed yet: `ember deploy FILE`")
+        return
+    table = Table("app", "version", "functions", "tags")
+    for a in items:
+        table.add_row(
+            a["name"],
+            str(a["version"]),
+            ", ".join(f["name"] for f in a["functions"]),
+            ", ".join(f"{k}={v}" for k, v in a["tags"].items()),
+        )
+    out.print(table)
+
+
+@app.command()
+def logs(
+    target: Annotated[str, typer.Argument(help="APP/FUNCTION")],
+    tail: Annotated[int, typer.Option(help="how many recent lines")] = 100,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
+) -> None:
+    """Print worker output of a function, each line with its job id."""
+    app_name, fn = _split(target)
+    client = _client()
+    since, first = 0.0, True
+    try:
+        while True:
+            records = client.logs(app_name, fn, tail=tail if first else 0, since=since)
+            first = False
+            for r in records:
+                stamp = time.strftime("%H:%M:%S", time.localtime(r["ts"]))
+                stream = "" if r["stream"] == "stdout" else " [stderr]"
+                out.print(
+                    f"{stamp} {r['job'] or '-':<28}{stream} {r['line']}",
+                    markup=False,
+                    highlight=False,
+                )
+                since = max(since, r["ts"])
+            if not follow:
+                return
+            since = since or time.time()
+            time.sleep(0.5)  # poll: lines arrive in batches every 0.1 s
+    except EmberError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        return
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,831 @@
+"""The control plane: accepts jobs, keeps them durable, pushes them to workers, scales pools.
+
+Everything here runs on the server's event loop; decisions (how many workers, how latency
+splits into terms, whether to retry) are delegated to `ember.core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from sqlalchemy import Connection, Engine, func, insert, select, update
+
+from ember.backends.local import Launch, LocalBackend
+from ember.control.logs import LogStore
+from ember.control.records import AppState, FunctionMeta, Job, Pool, Worker
+from ember.core import autoscaler
+from ember.core.autoscaler import PoolView, WorkerState
+from ember.core.jobs import JobStatus, should_retry, startup_backoff
+from ember.core.spec import FunctionSpec, SpecError, parse_tags
+from ember.core.timings import job_timings
+from ember.store import tables
+from ember.store.writer import Writer
+from ember.worker import protocol
+
+log = logging.getLogger("ember.control")
+
+KINDS = ("function", "generator", "async", "async_generator")
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+FILENAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
+ENVIRONMENTS = ("server",)
+"""Environments a function may name; the server's own Python until environments are built."""
+RECENT_JOBS = 4096
+TICK_S = 0.25
+STARTUP_FAILURES_BEFORE_FAILING_JOBS = 3
+
+
+class NotFoundError(LookupError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class DeployError(ValueError):
+    """A deploy manifest that cannot be served (HTTP 422)."""
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    cancel_grace_s: float = 2.0
+    drain_grace_s: float = 10.0
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.apps: dict[str, AppState] = {}
+        self.jobs: dict[str, Job] = {}
+        self.recent: OrderedDict[str, Job] = OrderedDict()
+        self.workers: dict[str, Worker] = {}
+        self.counts: dict[tuple[str, str], Counter[str]] = {}
+        self.backend = LocalBackend(settings.data_dir / "logs" / "workers")
+        self.logs = LogStore(settings.data_dir / "logs")
+        self.control_addr = ""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.writer = Writer(self.engine, self.loop)
+        self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.control_addr = f"{host}:{port}"
+        await asyncio.to_thread(self._recover)
+        for app in self.apps.values():
+            for pool in app.pools.values():
+                self._pump(pool)
+                self._scale(pool)
+        self._spawn(self._tick_forever())
+
+    async def stop(self) -> None:
+        """Stop every worker (exit hooks get `drain_grace_s`), then flush the store."""
+        self._stopping = True
+        workers = list(self.workers.values())
+        for w in workers:
+            self._drain(w, reason="server stopping")
+        deadline = time.monotonic() + self.settings.drain_grace_s
+        while self.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for w in list(self.workers.values()):
+            self._kill(w, "server stopping")
+        deadline = time.monotonic() + 5
+        while self.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.to_thread(self.writer.close)
+        self.logs.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            for app in list(self.apps.values()):
+                for pool in app.pools.values():
+                    self._scale(pool)
+            self.logs.flush()
+
+    def _recover(self) -> None:
+        """Load deployed apps, and requeue every job that was accepted but never finished."""
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(tables.apps)).mappings():
+                ver = (
+                    conn.execute(
+                        select(tables.versions).where(
+                            tables.versions.c.app == row["name"],
+                            tables.versions.c.version == row["current_version"],
+                        )
+                    )
+                    .mappings()
+                    .one()
+                )
+                self.apps[row["name"]] = self._build_app(
+                    row["name"],
+                    json.loads(row["tags"]),
+                    ver["version"],
+                    ver["filename"],
+                    ver["source"],
+                    json.loads(ver["functions"]),
+                    row["created_at"],
+                    row["updated_at"],
+                )
+            counts = conn.execute(
+                select(
+                    tables.jobs.c.app, tables.jobs.c.function, tables.jobs.c.status, func.count()
+                ).group_by(tables.jobs.c.app, tables.jobs.c.function, tables.jobs.c.status)
+            ).all()
+            for app, fn, status, n in counts:
+                self.counts.setdefault((app, fn), Counter())[status] += n
+            pending = (
+                conn.execute(
+                    select(tables.jobs)
+                    .where(tables.jobs.c.status.in_([JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS]))
+                    .order_by(tables.jobs.c.created_at)
+                )
+                .mappings()
+                .all()
+            )
+        now_wall, now = time.time(), time.monotonic()
+        requeued = 0
+        for row in pending:
+            job = Job(
+                id=row["id"],
+                app=row["app"],
+                function=row["function"],
+                unit="",
+                input=json.loads(row["input"]),
+                created_at=row["created_at"],
+                created=now - max(0.0, now_wall - row["created_at"]),
+                attempts=row["attempts"],
+            )
+            self.counts.setdefault((job.app, job.function), Counter())[row["status"]] -= 1
+            app_state = self.apps.get(job.app)
+            meta = app_state.functions.get(job.function) if app_state else None
+            self.jobs[job.id] = job
+            if app_state is None or meta is None:
+                self._finish(
+                    job,
+                    JobStatus.FAILED,
+                    error=_error(
+                        "FunctionNotFound", f"{job.app}/{job.function} is no longer deployed"
+                    ),
+                )
+                continue
+            job.unit, job.kind = meta.unit, meta.kind
+            app_state.pools[meta.unit].queue.append(job)
+            requeued += 1
+        if requeued:
+            log.warning("requeued %d job(s) accepted before the last stop", requeued)
+
+    # ----------------------------------------------------------------- apps
+    def _build_app(
+        self,
+        name: str,
+        tags: dict[str, str],
+        version: int,
+        filename: str,
+        source: str,
+        functions: list[dict[str, Any]],
+        created_at: float,
+        updated_at: float,
+    ) -> AppState:
+        bundle = self.settings.data_dir / "bundles" / name / f"v{version}" / filename
+        if not bundle.exists() or bundle.read_text() != source:
+            bundle.parent.mkdir(parents=True, exist_ok=True)
+            bundle.write_text(source)
+        metas: dict[str, FunctionMeta] = {}
+        pools: dict[str, Pool] = {}
+        for f in functions:
+            spec = FunctionSpec.from_dict(f["spec"])
+            metas[f["name"]] = FunctionMeta(f["name"], f["unit"], f["kind"], f["params"], spec)
+            if f["unit"] not in pools:
+                pools[f["unit"]] = Pool(name, version, f["unit"], spec, bundle)
+        return AppState(name, tags, version, filename, metas, pools, created_at, updated_at)
+
+    def validate_manifest(self, m: Any) -> dict[str, Any]:
+        """Check a deploy manifest completely before anything is written."""
+        if not isinstance(m, dict):
+            raise DeployError("the deploy body must be a JSON object")
+        name, filename, source, fns = (
+            m.get("name"),
+            m.get("filename"),
+            m.get("source"),
+            m.get("functions"),
+        )
+        if not isinstance(name, str) or not APP_NAME_RE.match(name):
+            raise DeployError("'name' must be 1-64 characters of letters, digits, '_', '.', '-'")
+        if not isinstance(filename, str) or not FILENAME_RE.match(filename):
+            raise DeployError("'filename' must be a Python module file name such as 'hello.py'")
+        if not isinstance(source, str):
+            raise DeployError("'source' must be the text of the file")
+        try:
+            tags = parse_tags(m.get("tags"))
+        except SpecError as exc:
+            raise DeployError(str(exc)) from None
+        if not isinstance(fns, list) or not fns:
+            raise DeployError(f"app {name!r} has no functions: decorate some with @app.function")
+        seen: dict[str, str] = {}
+        clean: list[dict[str, Any]] = []
+        for f in fns:
+            if not isinstance(f, dict):
+                raise DeployError("each entry of 'functions' must be an object")
+            fname, unit, kind, params = f.get("name"), f.get("unit"), f.get("kind"), f.get("params")
+            if not isinstance(fname, str) or not FN_NAME_RE.match(fname):
+                raise DeployError(f"function name {fname!r} must be NAME or Class.method")
+            if fname in seen:
+                raise DeployError(f"function {fname!r} appears twice")
+            if not isinstance(unit, str) or fname.split(".")[0] != unit:
+                raise DeployError(f"function {fname!r}: 'unit' must be {fname.split('.')[0]!r}")
+            if kind not in KINDS:
+                raise DeployError(f"function {fname!r}: 'kind' must be one of {', '.join(KINDS)}")
+            if not isinstance(params, dict) or not isinstance(params.get("names"), list):
+                raise DeployError(f"function {fname!r}: 'params' must describe its parameters")
+            try:
+                Draft202012Validator.check_schema(params.get("schema") or {})
+                spec = FunctionSpec.from_dict(f.get("spec") or {})
+            except SchemaError as exc:
+                raise DeployError(
+                    f"function {fname!r}: bad parameter schema: {exc.message}"
+                ) from None
+            except (SpecError, TypeError) as exc:
+                raise DeployError(f"function {fname!r}: {exc}") from None
+            if spec.env is not None and spec.env not in ENVIRONMENTS:
+                raise DeployError(
+                    f"function {fname!r}: unknown environment {spec.env!r}; this server has: "
+                    + ", ".join(ENVIRONMENTS)
+                )
+            if unit in seen.values() and any(
+                c["unit"] == unit and c["spec"] != spec.to_dict() for c in clean
+            ):
+                raise DeployError(f"methods of {unit!r} must share one spec")
+            seen[fname] = unit
+            clean.append(
+                {
+                    "name": fname,
+                    "unit": unit,
+                    "kind": kind,
+                    "params": params,
+                    "spec": spec.to_dict(),
+                }
+            )
+        return {
+            "name": name,
+            "filename": filename,
+            "source": source,
+            "tags": tags,
+            "functions": clean,
+        }
+
+    async def deploy(self, manifest: Any) -> dict[str, Any]:
+        m = self.validate_manifest(manifest)
+        name, now = m["name"], time.time()
+        old = self.apps.get(name)
+        version = old.version + 1 if old else 1
+        created_at = old.created_at if old else now
+        app = self._build_app(
+            name, m["tags"], version, m["filename"], m["source"], m["functions"], created_at, now
+        )
+
+        def write(conn: Connection) -> None:
+            values = {"tags": json.dumps(m["tags"]), "current_version": version, "updated_at": now}
+            if old is None:
+                conn.execute(insert(tables.apps).values(name=name, created_at=now, **values))
+            else:
+                conn.execute(update(tables.apps).where(tables.apps.c.name == name).values(**values))
+            conn.execute(
+                insert(tables.versions).values(
+                    app=name,
+                    version=version,
+                    filename=m["filename"],
+                    source=m["source"],
+                    functions=json.dumps(m["functions"]),
+                    created_at=now,
+                )
+            )
+
+        await self.writer.submit(write)
+        self.apps[name] = app
+        if old is not None:
+            self._retire(old, app)
+        for pool in app.pools.values():
+            self._pump(pool)
+            self._scale(pool)
+        return {"app": name, "version": version, "functions": [f["name"] for f in m["functions"]]}
+
+    def _retire(self, old: AppState, new: AppState) -> None:
+        """A redeploy: queued jobs move to the new version, old workers drain."""
+        for pool in old.pools.values():
+            pool.active = False
+            while pool.queue:
+                job = pool.queue.popleft()
+                meta = new.functions.get(job.function)
+                if meta is None:
+                    self._finish(
+                        job,
+                        JobStatus.FAILED,
+                        error=_error(
+                            "FunctionNotFound",
+                            f"{job.function} was removed by redeploy v{new.version}",
+                        ),
+                    )
+                    continue
+                job.unit, job.kind = meta.unit, meta.kind
+                new.pools[meta.unit].queue.append(job)
+            for w in list(pool.workers.values()):
+                self._drain(w, reason=f"redeployed as v{new.version}")
+
+    def lookup(self, app: str, fn: str | None = None) -> tuple[AppState, FunctionMeta | None]:
+        state = self.apps.get(app)
+        if state is None:
+            have = ", ".join(sorted(self.apps)) or "none yet (deploy one with `ember deploy FILE`)"
+            raise NotFoundError("app_not_found", f"no app named {app!r}; deployed apps: {have}")
+        if fn is None:
+            return state, None
+        meta = state.functions.get(fn)
+        if meta is None:
+            have = ", ".join(state.functions)
+            raise NotFoundError(
+                "function_not_found", f"app {app!r} has no function {fn!r} (it has: {have})"
+            )
+        return state, meta
+
+    # ----------------------------------------------------------------- jobs
+    def submit(self, app: str, fn: str, input: Any) -> tuple[Job, asyncio.Future[None]]:
+        """Accept a job; the returned future resolves once it is durable in the store."""
+        state, meta = self.lookup(app, fn)
+        assert meta is not None
+        meta.validate(input)
+        job = Job(
+            id="job-" + secrets.token_hex(12),
+            app=app,
+            function=fn,
+            unit=meta.unit,
+            input=input,
+            created_at=time.time(),
+            created=time.monotonic(),
+            kind=meta.kind,
+        )
+        row = {
+            "id": job.id,
+            "app": app,
+            "function": fn,
+            "status": JobStatus.IN_QUEUE.value,
+            "input": json.dumps(input),
+            "attempts": 0,
+            "created_at": job.created_at,
+        }
+        durable = self.writer.submit(_execute(insert(tables.jobs), row))
+        self.jobs[job.id] = job
+        pool = state.pools[meta.unit]
+        pool.queue.append(job)
+        self._pump(pool)
+        self._scale(pool)
+        return job, durable
+
+    async def get_job(self, job_id: str) -> Job | dict[str, Any]:
+        job = self.jobs.get(job_id) or self.recent.get(job_id)
+        if job is not None:
+            return job
+        row = await asyncio.to_thread(self._load_job, job_id)
+        if row is None:
+            raise NotFoundError("job_not_found", f"no job with id {job_id!r}")
+        return row
+
+    def _load_job(self, job_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(select(tables.jobs).where(tables.jobs.c.id == job_id))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        return {
+            "id": row["id"],
+            "app": row["app"],
+            "function": row["function"],
+            "status": row["status"],
+            "output": json.loads(row["output"]) if row["output"] is not None else None,
+            "error": json.loads(row["error"]) if row["error"] else None,
+            "timings": json.loads(row["timings"]) if row["timings"] else None,
+            "attempts": row["attempts"],
+            "created_at": row["created_at"],
+            "finished_at": row["finished_at"],
+        }
+
+    def cancel(self, job: Job) -> None:
+        if job.status.terminal:
+            return
+        if job.status is JobStatus.IN_QUEUE:
+            pool = self._pool_of(job)
+            if pool is not None and job in pool.queue:
+                pool.queue.remove(job)
+            self._finish(job, JobStatus.CANCELLED, error=None)
+            return
+        w = job.worker
+        self._finish(job, JobStatus.CANCELLED, error=None)
+        if w is not None and w.writer is not None:
+            w.writer.write(protocol.encode({"t": "cancel", "job": job.id}))
+            # Code that cannot be interrupted (a C call, a sleep) gets its worker stopped.
+            self.loop.call_later(
+                self.settings.cancel_grace_s, self._kill_if_still_running, w, job.id
+            )
+
+    def _kill_if_still_running(self, w: Worker, job_id: str) -> None:
+        if job_id in w.running and w.id in self.workers:
+            self._kill(w, f"job {job_id} was cancelled and did not stop")
+
+    def _pool_of(self, job: Job) -> Pool | None:
+        if job.worker is not None:
+            return job.worker.pool
+        state = self.apps.get(job.app)
+        return state.pools.get(job.unit) if state else None
+
+    def _finish(
+        self,
+        job: Job,
+        status: JobStatus,
+        *,
+        output: Any = None,
+        error: dict[str, Any] | None,
+    ) -> None:
+        if job.status.terminal:
+            return
+        job.status = status
+        job.output = job.outputs if job.is_generator and status is JobStatus.COMPLETED else output
+        job.error = error
+        job.finished = time.monotonic()
+        job.finished_at = time.time()
+        if job.timer is not None:
+            job.timer.cancel()
+        job.timings = job_timings(
+            created=job.created,
+            dispatched=job.dispatched,
+            finished=job.finished,
+            exec_s=job.exec_ms / 1000.0,
+            worker=job.worker_start,
+        ).to_dict()
+        self.counts.setdefault((job.app, job.function), Counter())[status.value] += 1
+        job.done.set()
+        job.notify()
+        row = {
+            "status": status.value,
+            "output": None if job.output is None else json.dumps(job.output),
+            "error": None if error is None else json.dumps(error),
+            "timings": json.dumps(job.timings),
+            "attempts": job.attempts,
+            "version": job.worker.pool.version if job.worker else None,
+            "finished_at": job.finished_at,
+        }
+        stmt = update(tables.jobs).where(tables.jobs.c.id == job.id).values(**row)
+        self.writer.submit(_execute(stmt)).add_done_callback(lambda _f: self._forget(job))
+
+    def _forget(self, job: Job) -> None:
+        """Once the final state is stored, keep the job only in the bounded recent cache."""
+        self.jobs.pop(job.id, None)
+        self.recent[job.id] = job
+        while len(self.recent) > RECENT_JOBS:
+            self.recent.popitem(last=False)
+
+    # ----------------------------------------------------------------- dispatch
+    def _pump(self, pool: Pool) -> None:
+        """Hand queued jobs to ready workers with a free slot, warmest first."""
+        if not pool.active:
+            return
+        slots = pool.spec.scaling.concurrency
+        while pool.queue:
+            ready = [
+                w
+                for w in pool.workers.values()
+                if w.state in (WorkerState.IDLE, WorkerState.BUSY) and len(w.running) < slots
+            ]
+            if not ready:
+                return
+            w = max(ready, key=lambda w: (w.state is WorkerState.BUSY, w.last_used))
+            job = pool.queue.popleft()
+            if job.status is not JobStatus.IN_QUEUE:
+                continue
+            self._dispatch(job, w)
+
+    def _dispatch(self, job: Job, w: Worker) -> None:
+        now = time.monotonic()
+        job.status = JobStatus.IN_PROGRESS
+        job.dispatched = now
+        job.worker = w
+        job.worker_start = w.start
+        w.running[job.id] = job
+        w.state = WorkerState.BUSY
+        w.idle_since = None
+        w.last_used = now
+        assert w.writer is not None
+        w.writer.write(
+            protocol.encode({"t": "run", "job": job.id, "fn": job.function, "input": job.input})
+        )
+        job.timer = self.loop.call_later(w.pool.spec.timeout, self._on_timeout, job, w)
+        job.notify()
+
+    def _on_timeout(self, job: Job, w: Worker) -> None:
+        if job.status is not JobStatus.IN_PROGRESS or job.worker is not w:
+            return
+        limit = w.pool.spec.timeout
+        self._finish(
+            job,
+            JobStatus.TIMED_OUT,
+            error=_error(
+                "TimeoutError", f"job ran past its timeout of {limit:g} s; its worker was stopped"
+            ),
+        )
+        self._kill(w, f"job {job.id} timed out")
+
+    def _release(self, w: Worker, job_id: str) -> None:
+        w.running.pop(job_id, None)
+        if not w.running and w.state is WorkerState.BUSY:
+            w.state = WorkerState.IDLE
+            w.idle_since = time.monotonic()
+        if w.state is WorkerState.DRAINING:
+            return
+        self._pump(w.pool)
+        self._scale(w.pool)
+
+    # ----------------------------------------------------------------- scaling
+    def _scale(self, pool: Pool) -> None:
+        if self._stopping:
+            return
+        now = time.monotonic()
+        if not pool.active:
+            for w in list(pool.workers.values()):
+                if w.state is not WorkerState.DRAINING:
+                    self._drain(w, reason="old version")
+            return
+        running = sum(w.active_jobs for w in pool.workers.values())
+        view = PoolView(len(pool.queue), running, tuple(w.view() for w in pool.workers.values()))
+        decision = autoscaler.decide(view, pool.spec.scaling, now)
+        for _ in range(decision.start):
+            if now < pool.next_start:
+                break
+            self._start_worker(pool)
+        for wid in decision.stop:
+            self._drain(pool.workers[wid], reason="idle")
+
+    def _start_worker(self, pool: Pool) -> None:
+        w = Worker(
+            id="w-" + secrets.token_hex(5),
+            pool=pool,
+            secret=secrets.token_hex(16),
+            spawned=time.monotonic(),
+        )
+        pool.workers[w.id] = w
+        self.workers[w.id] = w
+        self._spawn(self._run_worker(w))
+
+    async def _run_worker(self, w: Worker) -> None:
+        launch = Launch(
+            w.id,
+            w.secret,
+            self.control_addr,
+            w.pool.bundle,
+            w.pool.app,
+            w.pool.unit,
+            w.pool.spec.scaling.concurrency,
+        )
+        try:
+            w.process = await self.backend.start(launch)
+        except Exception as exc:  # could not even start a process
+            w.fatal = _error(type(exc).__name__, f"could not start a worker: {exc}")
+            self._on_exit(w, -1)
+            return
+        w.pid = w.process.pid
+        if w.stop_reason is not None:  # stopped while it was being started
+            w.process.kill()
+        code = await w.process.wait()
+        self._on_exit(w, code)
+
+    def _drain(self, w: Worker, reason: str) -> None:
+        if w.state is WorkerState.DRAINING:
+            return
+        was_ready = w.state is not WorkerState.STARTING
+        w.state = WorkerState.DRAINING
+        w.stop_reason = reason
+        if not was_ready or w.writer is None:
+            self._kill(w, reason)
+            return
+        w.writer.write(protocol.encode({"t": "drain"}))
+        grace = self.settings.drain_grace_s + (w.pool.spec.timeout if w.running else 0.0)
+        w.kill_timer = self.loop.call_later(
+            grace, self._kill, w, f"{reason}; did not drain in time"
+        )
+
+    def _kill(self, w: Worker, reason: str) -> None:
+        w.stop_reason = w.stop_reason or reason
+        w.state = WorkerState.DRAINING
+        if w.process is not None:
+            w.process.kill()
+
+    def _on_exit(self, w: Worker, code: int) -> None:
+        if self.workers.pop(w.id, None) is None:
+            return
+        pool = w.pool
+        pool.workers.pop(w.id, None)
+        if w.kill_timer is not None:
+            w.kill_timer.cancel()
+        w.state = WorkerState.STOPPED
+        started = w.ready is not None
+        if not started and w.stop_reason is None:
+            self._on_startup_failure(pool, w, code)
+        elif started:
+            pool.startup_failures = 0
+        for job in list(w.running.values()):
+            if job.status.terminal:
+                continue
+            if w.stop_reason is not None and not job.status.terminal:
+                # The server stopped this worker for another job's sake: not this job's fault.
+                self._requeue(job)
+                continue
+            job.attempts += 1
+            if should_retry(job.attempts, pool.spec.retries):
+                log.warning("job %s: worker exited with code %s, retrying", job.id, code)
+                self._requeue(job)
+            else:
+                self._finish(
+                    job,
+                    JobStatus.FAILED,
+                    error=_error(
+                        "WorkerExited",
+                        f"worker exited with code {code} while running the job"
+                        + (f" (after {job.attempts} attempts)" if job.attempts > 1 else ""),
+                    ),
+                )
+        w.running.clear()
+        if not self._stopping:
+            self._pump(pool)
+            self._scale(pool)
+
+    def _requeue(self, job: Job) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        job.status, job.dispatched, job.worker, job.worker_start = (
+            JobStatus.IN_QUEUE,
+            None,
+            None,
+            None,
+        )
+        state = self.apps.get(job.app)
+        meta = state.functions.get(job.function) if state else None
+        if state is None or meta is None:
+            self._finish(
+                job, JobStatus.FAILED, error=_error("FunctionNotFound", "no longer deployed")
+            )
+            return
+        state.pools[meta.unit].queue.appendleft(job)
+        job.notify()
+
+    def _on_startup_failure(self, pool: Pool, w: Worker, code: int) -> None:
+        pool.startup_failures += 1
+        pool.next_start = time.monotonic() + startup_backoff(pool.startup_failures)
+        err = w.fatal or _error("WorkerExited", f"worker exited with code {code} while starting")
+        log.warning(
+            "worker %s of %s/%s failed to start: %s", w.id, pool.app, pool.unit, err["message"]
+        )
+        if w.fatal is not None or pool.startup_failures >= STARTUP_FAILURES_BEFORE_FAILING_JOBS:
+            error = {**err, "message": f"worker failed to start: {err['message']}"}
+            while pool.queue:
+                self._finish(pool.queue.popleft(), JobStatus.FAILED, error=error)
+
+    # ----------------------------------------------------------------- worker connections
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        hello = await protocol.read(reader)
+        w = self.workers.get(hello.get("worker", "")) if hello else None
+        if (
+            hello is None
+            or w is None
+            or not secrets.compare_digest(hello.get("secret", ""), w.secret)
+        ):
+            writer.close()
+            return
+        w.writer = writer
+        w.pid = hello.get("pid", w.pid)
+        try:
+            while (msg := await protocol.read(reader)) is not None:
+                self._on_message(w, msg)
+        finally:
+            writer.close()
+            # A worker without its connection is of no use; its exit code tells what happened.
+            if w.id in self.workers and w.process is not None:
+                w.process.kill()
+
+    def _on_message(self, w: Worker, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "result":
+            job = w.running.get(msg["job"])
+            if job is None:
+                return
+            if not job.status.terminal:
+                job.exec_ms = msg.get("exec_ms", 0.0)
+                if msg.get("ok"):
+                    self._finish(job, JobStatus.COMPLETED, output=msg.get("output"), error=None)
+                elif msg.get("status") == "CANCELLED":
+                    self._finish(job, JobStatus.CANCELLED, error=None)
+                else:
+                    self._on_job_error(job, msg["error"])
+            self._release(w, job.id)
+        elif t == "output":
+            job = w.running.get(msg["job"])
+            if job is not None and not job.status.terminal:
+                job.outputs.append(msg["value"])
+                job.notify()
+        elif t == "log":
+            for job_id, stream, line, ts in msg["lines"]:
+                job = w.running.get(job_id) if job_id else None
+                fn = job.function if job else w.pool.unit
+                self.logs.append(
+                    w.pool.app,
+                    fn,
+                    {
+                        "ts": ts,
+                        "job": job_id,
+                        "worker": w.id,
+                        "function": fn,
+                        "stream": stream,
+                        "line": line,
+                    },
+                )
+        elif t == "ready":
+            w.ready = time.monotonic()
+            w.load_ms = float(msg.get("load_ms", 0.0))
+            if w.state is WorkerState.STARTING:
+                w.state = WorkerState.IDLE
+                w.idle_since = w.ready
+                w.last_used = w.ready
+            w.pool.startup_failures = 0
+            self._pump(w.pool)
+            self._scale(w.pool)
+        elif t == "fatal":
+            w.fatal = msg["error"]
+
+    def _on_job_error(self, job: Job, error: dict[str, Any]) -> None:
+        job.attempts += 1
+        assert job.worker is not None
+        if should_retry(job.attempts, job.worker.pool.spec.retries):
+            self._requeue(job)
+            return
+        self._finish(job, JobStatus.FAILED, error=error)
+
+    # ----------------------------------------------------------------- views
+    def health(self, app: str, fn: str) -> dict[str, Any]:
+        state, meta = self.lookup(app, fn)
+        assert meta is not None
+        counts = self.counts.get((app, fn), Counter())
+        live = [j for j in self.jobs.values() if j.app == app and j.function == fn]
+        workers = Counter(w.state.value for w in state.pools[meta.unit].workers.values())
+        return {
+            "jobs": {
+                "in_queue": sum(1 for j in live if j.status is JobStatus.IN_QUEUE),
+                "in_progress": sum(1 for j in live if j.status is JobStatus.IN_PROGRESS),
+                "completed": counts["COMPLETED"],
+                "failed": counts["FAILED"],
+                "cancelled": counts["CANCELLED"],
+                "timed_out": counts["TIMED_OUT"],
+            },
+            "workers": {
+                "starting": workers["STARTING"],
+                "idle": workers["IDLE"],
+                "busy": workers["BUSY"],
+                "draining": workers["DRAINING"],
+            },
+            "version": state.version,
+        }
+
+
+def _execute(stmt: Any, params: dict[str, Any] | None = None) -> Callable[[Connection], None]:
+    def op(conn: Connection) -> None:
+        conn.execute(stmt, params) if params is not None else conn.execute(stmt)
+
+    return op
+
+
+def _error(type_: str, message: str) -> dict[str, Any]:
+    return {"type": type_, "message": message, "traceback": None}

@@ -1,0 +1,203 @@
+"""In-memory state of the control plane: jobs in flight, workers, pools, deployed functions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from ember.core.autoscaler import WorkerState, WorkerView
+from ember.core.jobs import JobStatus
+from ember.core.spec import FunctionSpec
+from ember.core.timings import WorkerStart
+
+
+class InputError(ValueError):
+    """A job input that does not fit the function's signature (HTTP 422)."""
+
+
+@dataclass
+class FunctionMeta:
+    name: str
+    unit: str
+    kind: str
+    params: dict[str, Any]
+    spec: FunctionSpec
+    validator: Draft202012Validator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validator = Draft202012Validator(self.params.get("schema") or {})
+
+    def validate(self, input: Any) -> None:
+        if not isinstance(input, dict):
+            raise InputError(
+                f"input must be a JSON object of keyword arguments, got {type(input).__name__}"
+            )
+        names = self.params.get("names", [])
+        if not self.params.get("var_kwargs"):
+            unknown = [k for k in input if k not in names]
+            if unknown:
+                takes = ", ".join(names) or "no arguments"
+                raise InputError(f"unexpected argument '{unknown[0]}': {self.name} takes {takes}")
+        missing = [k for k in self.params.get("required", []) if k not in input]
+        if missing:
+            raise InputError(f"missing required argument '{missing[0]}' of {self.name}")
+        error = next(
+            iter(sorted(self.validator.iter_errors(input), key=lambda e: list(e.path))), None
+        )
+        if error is not None:
+            path = list(error.absolute_path)
+            where = str(path[0]) + "".join(f"[{p!r}]" for p in path[1:]) if path else "input"
+            raise InputError(f"argument '{where}': {error.message}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "unit": self.unit,
+            "kind": self.kind,
+            "params": self.params,
+            "spec": self.spec.to_dict(),
+        }
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    app: str
+    function: str
+    unit: str
+    input: dict[str, Any]
+    created_at: float
+    """Wall clock (epoch seconds), for people and the store."""
+    created: float
+    """Monotonic clock, for the latency terms."""
+    kind: str = "function"
+    status: JobStatus = JobStatus.IN_QUEUE
+    output: Any = None
+    outputs: list[Any] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+    version: int | None = None
+    dispatched: float | None = None
+    finished: float | None = None
+    finished_at: float | None = None
+    exec_ms: float = 0.0
+    worker: Worker | None = None
+    worker_start: WorkerStart | None = None
+    timings: dict[str, float] | None = None
+    timer: asyncio.TimerHandle | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def is_generator(self) -> bool:
+        return self.kind in ("generator", "async_generator")
+
+    def notify(self) -> None:
+        """Wake every stream reader; each then waits on the fresh event."""
+        event, self.changed = self.changed, asyncio.Event()
+        event.set()
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "app": self.app,
+            "function": self.function,
+            "status": self.status.value,
+            "output": self.output,
+            "error": self.error,
+            "timings": self.timings,
+            "attempts": self.attempts,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
+
+
+@dataclass(eq=False)
+class Worker:
+    id: str
+    pool: Pool
+    secret: str
+    spawned: float
+    state: WorkerState = WorkerState.STARTING
+    pid: int | None = None
+    process: Any = None
+    writer: asyncio.StreamWriter | None = None
+    ready: float | None = None
+    load_ms: float = 0.0
+    running: dict[str, Job] = field(default_factory=dict)
+    idle_since: float | None = None
+    last_used: float = 0.0
+    stop_reason: str | None = None
+    """Set when the server itself stops the worker (timeout, cancel, drain, shutdown)."""
+    fatal: dict[str, Any] | None = None
+    kill_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def start(self) -> WorkerStart | None:
+        if self.ready is None:
+            return None
+        return WorkerStart(self.spawned, self.ready - self.load_ms / 1000.0, self.ready)
+
+    @property
+    def active_jobs(self) -> int:
+        return sum(1 for j in self.running.values() if not j.status.terminal)
+
+    def view(self) -> WorkerView:
+        return WorkerView(self.id, self.state, self.idle_since, self.last_used)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "app": self.pool.app,
+            "unit": self.pool.unit,
+            "version": self.pool.version,
+            "state": self.state.value,
+            "pid": self.pid,
+            "jobs": list(self.running),
+            "age_s": round(time.monotonic() - self.spawned, 3),
+        }
+
+
+@dataclass(eq=False)
+class Pool:
+    """The workers of one unit (a function, or a class and its methods) of one app version."""
+
+    app: str
+    version: int
+    unit: str
+    spec: FunctionSpec
+    bundle: Path
+    active: bool = True
+    queue: deque[Job] = field(default_factory=deque)
+    workers: dict[str, Worker] = field(default_factory=dict)
+    startup_failures: int = 0
+    next_start: float = 0.0
+
+
+@dataclass(eq=False)
+class AppState:
+    name: str
+    tags: dict[str, str]
+    version: int
+    filename: str
+    functions: dict[str, FunctionMeta]
+    pools: dict[str, Pool]
+    created_at: float
+    updated_at: float
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tags": self.tags,
+            "version": self.version,
+            "filename": self.filename,
+            "functions": [f.describe() for f in self.functions.values()],
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }

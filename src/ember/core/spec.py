@@ -1,0 +1,208 @@
+"""Function specs: what a user asked for in `@app.function(...)`, validated once.
+
+Validation lives here, in the core, because the SDK checks options at decoration time and the
+server checks them again at deploy time (a client may send anything); both must agree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9][A-Za-z0-9_.-]*?)(?::(?P<count>[0-9]+))?$")
+_MEMORY_RE = re.compile(r"^\s*(?P<num>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[KMGT]i?B?|B)?\s*$", re.I)
+_UNIT_MIB = {
+    "": 1.0,
+    "B": 1 / 2**20,
+    "K": 1 / 1024,
+    "KB": 1 / 1024,
+    "KI": 1 / 1024,
+    "KIB": 1 / 1024,
+    "M": 1.0,
+    "MB": 1.0,
+    "MI": 1.0,
+    "MIB": 1.0,
+    "G": 1024.0,
+    "GB": 1024.0,
+    "GI": 1024.0,
+    "GIB": 1024.0,
+    "T": 1024.0**2,
+    "TB": 1024.0**2,
+    "TI": 1024.0**2,
+    "TIB": 1024.0**2,
+}
+_TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")
+
+
+class SpecError(ValueError):
+    """An option of `@app.function` / `@app.cls` that cannot work; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    type: str
+    count: int = 1
+
+    def __str__(self) -> str:
+        return self.type if self.count == 1 else f"{self.type}:{self.count}"
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    min_workers: int = 0
+    max_workers: int = 10
+    buffer_workers: int = 0
+    idle_timeout: float = 60.0
+    concurrency: int = 1
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """Everything the platform needs to know to run a function, apart from its code."""
+
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    gpu: tuple[GpuRequest, ...] = ()
+    cpu: float | None = None
+    memory_mib: int | None = None
+    timeout: float = 300.0
+    retries: int = 0
+    tags: Mapping[str, str] = field(default_factory=dict)
+    env: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gpu"] = [str(g) for g in self.gpu]
+        d["tags"] = dict(self.tags)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FunctionSpec:
+        scaling = d.get("scaling") or {}
+        if not isinstance(scaling, Mapping):
+            raise SpecError("'scaling' must be an object")
+        return make_spec(
+            gpu=d.get("gpu") or None,
+            cpu=d.get("cpu"),
+            memory=d.get("memory_mib"),
+            timeout=d.get("timeout", 300.0),
+            retries=d.get("retries", 0),
+            tags=d.get("tags"),
+            env=d.get("env"),
+            **scaling,
+        )
+
+
+def _int(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise SpecError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _seconds(name: str, value: Any, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise SpecError(f"{name} must be {'> 0' if positive else '>= 0'} seconds, got {value}")
+    return float(value)
+
+
+def parse_gpu(value: Any) -> tuple[GpuRequest, ...]:
+    """`"H100"`, `"H100:2"` or a list of those as a fallback order."""
+    if value is None:
+        return ()
+    items: Sequence[Any] = [value] if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not items:
+        raise SpecError(
+            f"gpu must be a string like 'H100' or 'H100:2', or a list of them, got {value!r}"
+        )
+    out = []
+    for item in items:
+        m = _GPU_RE.match(item) if isinstance(item, str) else None
+        if m is None:
+            raise SpecError(
+                f"gpu {item!r} is not of the form TYPE or TYPE:COUNT (e.g. 'L4', 'H100:2')"
+            )
+        count = int(m["count"]) if m["count"] else 1
+        if count < 1:
+            raise SpecError(f"gpu {item!r}: the count must be at least 1")
+        out.append(GpuRequest(m["type"].upper(), count))
+    return tuple(out)
+
+
+def parse_memory_mib(value: Any) -> int | None:
+    """An int is MiB; a string may carry a unit: '512MiB', '8GiB', '2G'."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise SpecError(f"memory must be MiB as an integer or a string like '8GiB', got {value!r}")
+    if isinstance(value, int | float):
+        mib = float(value)
+    elif isinstance(value, str) and (m := _MEMORY_RE.match(value)):
+        unit = (m["unit"] or "").upper()
+        mib = float(m["num"]) * _UNIT_MIB[unit]
+    else:
+        raise SpecError(f"memory must be MiB as an integer or a string like '8GiB', got {value!r}")
+    if mib <= 0:
+        raise SpecError(f"memory must be positive, got {value!r}")
+    return max(1, round(mib))
+
+
+def parse_tags(value: Any, *, what: str = "tags") -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{what} must be a dict of str to str, got {type(value).__name__}")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not _TAG_KEY_RE.match(k):
+            raise SpecError(f"{what}: key {k!r} must be 1-63 characters of letters, digits, _.:/-")
+        if not isinstance(v, str) or len(v) > 256:
+            raise SpecError(f"{what}: value of {k!r} must be a string of at most 256 characters")
+        out[k] = v
+    return out
+
+
+def make_spec(
+    *,
+    gpu: Any = None,
+    cpu: Any = None,
+    memory: Any = None,
+    min_workers: Any = 0,
+    max_workers: Any = 10,
+    buffer_workers: Any = 0,
+    idle_timeout: Any = 60,
+    concurrency: Any = 1,
+    timeout: Any = 300,
+    retries: Any = 0,
+    tags: Any = None,
+    env: Any = None,
+) -> FunctionSpec:
+    """Build a FunctionSpec from user options, or raise SpecError saying what to change."""
+    mn = _int("min_workers", min_workers, minimum=0)
+    mx = _int("max_workers", max_workers, minimum=1)
+    if mn > mx:
+        raise SpecError(f"min_workers ({mn}) must not exceed max_workers ({mx})")
+    if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int | float) or cpu <= 0):
+        raise SpecError(f"cpu must be a positive number of cores, got {cpu!r}")
+    if env is not None and (not isinstance(env, str) or not env):
+        raise SpecError(f"env must be the name of an environment, got {env!r}")
+    return FunctionSpec(
+        scaling=ScalingSpec(
+            min_workers=mn,
+            max_workers=mx,
+            buffer_workers=_int("buffer_workers", buffer_workers, minimum=0),
+            idle_timeout=_seconds("idle_timeout", idle_timeout, positive=False),
+            concurrency=_int("concurrency", concurrency, minimum=1),
+        ),
+        gpu=parse_gpu(gpu),
+        cpu=None if cpu is None else float(cpu),
+        memory_mib=parse_memory_mib(memory),
+        timeout=_seconds("timeout", timeout, positive=True),
+        retries=_int("retries", retries, minimum=0),
+        tags=parse_tags(tags),
+        env=env,
+    )

@@ -1,0 +1,1 @@
+"""The Python SDK: apps, decorators, function and job handles, the HTTP client."""

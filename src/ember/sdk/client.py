@@ -1,0 +1,225 @@
+"""The HTTP client behind every SDK handle and CLI command (httpx, sync and async)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+from ember import config
+from ember.errors import ApiError, AuthError, InvalidInput, NotFound, ServerUnavailable
+
+_ERRORS: dict[int, type[ApiError]] = {
+    401: AuthError,
+    403: AuthError,
+    404: NotFound,
+    422: InvalidInput,
+}
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    code, message = "error", resp.text[:500]
+    try:
+        err = resp.json()["error"]
+        code, message = err["code"], err["message"]
+    except Exception:
+        pass
+    raise _ERRORS.get(resp.status_code, ApiError)(resp.status_code, code, message)
+
+
+def _unavailable(url: str, exc: Exception) -> ServerUnavailable:
+    return ServerUnavailable(
+        f"no ember server answered at {url} ({exc.__class__.__name__}); start one with "
+        "`ember server`, or point EMBER_URL at yours"
+    )
+
+
+def _token_or_hint(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class Client:
+    """Synchronous client; one keep-alive connection pool per process."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 330.0):
+        self.url = (url or config.server_url()).rstrip("/")
+        self.token = token if token is not None else config.client_token()
+        self._http = httpx.Client(
+            base_url=self.url + "/v1",
+            headers=_token_or_hint(self.token),
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise _unavailable(self.url, exc) from exc
+        _raise_for(resp)
+        return resp
+
+    # jobs
+    def run(self, app: str, fn: str, input: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", f"/apps/{app}/{fn}/run", json={"input": input}).json()
+
+    def runsync(self, app: str, fn: str, input: dict[str, Any], wait: float = 60) -> dict[str, Any]:
+        return self.request(
+            "POST", f"/apps/{app}/{fn}/runsync", params={"wait": wait}, json={"input": input}
+        ).json()
+
+    def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
+        params = {"wait": wait} if wait else None
+        return self.request("GET", f"/jobs/{job_id}", params=params).json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/jobs/{job_id}/cancel").json()
+
+    def stream(self, job_id: str) -> Iterator[tuple[str, Any]]:
+        """Server-sent events of a job: ('output', value)... then ('done', job body)."""
+        try:
+            with self._http.stream("GET", f"/jobs/{job_id}/stream", timeout=None) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _raise_for(resp)
+                yield from _parse_sse(resp.iter_lines())
+        except httpx.TransportError as exc:
+            raise _unavailable(self.url, exc) from exc
+
+    # apps
+    def deploy(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/apps", json=manifest).json()
+
+    def list_apps(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/apps").json()["apps"]
+
+    def get_app(self, app: str) -> dict[str, Any]:
+        return self.request("GET", f"/apps/{app}").json()
+
+    def health(self, app: str, fn: str) -> dict[str, Any]:
+        return self.request("GET", f"/apps/{app}/{fn}/health").json()
+
+    def logs(self, app: str, fn: str, tail: int = 100, since: float = 0.0) -> list[dict[str, Any]]:
+        """Worker output lines of a function, newest last; `since` is an epoch timestamp."""
+        params = {"tail": tail, "since": since}
+        return self.request("GET", f"/apps/{app}/{fn}/logs", params=params).json()["lines"]
+
+
+class AsyncClient:
+    """The awaitable twin of Client, for callers inside an event loop."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 330.0):
+        self.url = (url or config.server_url()).rstrip("/")
+        self.token = token if token is not None else config.client_token()
+        self._http = httpx.AsyncClient(
+            base_url=self.url + "/v1",
+            headers=_token_or_hint(self.token),
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = await self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise _unavailable(self.url, exc) from exc
+        _raise_for(resp)
+        return resp
+
+    async def run(self, app: str, fn: str, input: dict[str, Any]) -> dict[str, Any]:
+        return (await self.request("POST", f"/apps/{app}/{fn}/run", json={"input": input})).json()
+
+    async def runsync(
+        self, app: str, fn: str, input: dict[str, Any], wait: float = 60
+    ) -> dict[str, Any]:
+        resp = await self.request(
+            "POST", f"/apps/{app}/{fn}/runsync", params={"wait": wait}, json={"input": input}
+        )
+        return resp.json()
+
+    async def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
+        params = {"wait": wait} if wait else None
+        return (await self.request("GET", f"/jobs/{job_id}", params=params)).json()
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return (await self.request("POST", f"/jobs/{job_id}/cancel")).json()
+
+    async def stream(self, job_id: str) -> AsyncIterator[tuple[str, Any]]:
+        try:
+            async with self._http.stream("GET", f"/jobs/{job_id}/stream", timeout=None) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _raise_for(resp)
+                decoder = _SSEDecoder()
+                async for line in resp.aiter_lines():
+                    if (item := decoder.feed(line)) is not None:
+                        yield item
+        except httpx.TransportError as exc:
+            raise _unavailable(self.url, exc) from exc
+
+    async def get_app(self, app: str) -> dict[str, Any]:
+        return (await self.request("GET", f"/apps/{app}")).json()
+
+
+class _SSEDecoder:
+    """Turns server-sent-event lines into (event, decoded JSON data) pairs."""
+
+    def __init__(self) -> None:
+        self.event: str = "message"
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, Any] | None:
+        if line == "":
+            if not self.data:
+                return None
+            out = (self.event, json.loads("\n".join(self.data)))
+            self.event, self.data = "message", []
+            return out
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line.startswith("data:"):
+            self.data.append(line[5:].lstrip())
+        return None
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
+    decoder = _SSEDecoder()
+    for line in lines:
+        if (item := decoder.feed(line)) is not None:
+            yield item
+
+
+_default: Client | None = None
+_default_async: AsyncClient | None = None
+
+
+def default_client() -> Client:
+    global _default
+    if _default is None:
+        _default = Client()
+    return _default
+
+
+def default_async_client() -> AsyncClient:
+    """One per process; httpx binds it to the first event loop that uses it."""
+    global _default_async
+    if _default_async is None:
+        _default_async = AsyncClient()
+    return _default_async
+
+
+def configure(url: str | None = None, token: str | None = None) -> None:
+    """Point the SDK at a server other than EMBER_URL / EMBER_TOKEN."""
+    global _default, _default_async
+    _default = Client(url=url, token=token)
+    _default_async = None if url is None and token is None else AsyncClient(url=url, token=token)

@@ -1,0 +1,1 @@
+"""The worker runtime: one process that loads one function (or class) and runs its jobs."""

@@ -1,0 +1,3 @@
+from ember.worker.runtime import main
+
+main()

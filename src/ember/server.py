@@ -32,7 +32,7 @@ def serve(
         log_level="warning",
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=15,
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     print(

@@ -86,7 +86,7 @@ class ControlPlane:
         self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.control_addr = f"{host}:{port}"
-        await asyncio.to_thread(self._recover)
+        self._requeue_pending(await asyncio.to_thread(self._load))
         for app in self.apps.values():
             for pool in app.pools.values():
                 self._pump(pool)
@@ -127,8 +127,8 @@ class ControlPlane:
                     self._scale(pool)
             self.logs.flush()
 
-    def _recover(self) -> None:
-        """Load deployed apps, and requeue every job that was accepted but never finished."""
+    def _load(self) -> list[Any]:
+        """Read deployed apps and job counts; return the jobs accepted but never finished."""
         with self.engine.connect() as conn:
             for row in conn.execute(select(tables.apps)).mappings():
                 ver = (
@@ -158,15 +158,16 @@ class ControlPlane:
             ).all()
             for app, fn, status, n in counts:
                 self.counts.setdefault((app, fn), Counter())[status] += n
-            pending = (
+            return list(
                 conn.execute(
                     select(tables.jobs)
                     .where(tables.jobs.c.status.in_([JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS]))
                     .order_by(tables.jobs.c.created_at)
-                )
-                .mappings()
-                .all()
+                ).mappings()
             )
+
+    def _requeue_pending(self, pending: list[Any]) -> None:
+        """Put every job accepted before the last stop back in its queue (on the event loop)."""
         now_wall, now = time.time(), time.monotonic()
         requeued = 0
         for row in pending:
@@ -180,7 +181,6 @@ class ControlPlane:
                 created=now - max(0.0, now_wall - row["created_at"]),
                 attempts=row["attempts"],
             )
-            self.counts.setdefault((job.app, job.function), Counter())[row["status"]] -= 1
             app_state = self.apps.get(job.app)
             meta = app_state.functions.get(job.function) if app_state else None
             self.jobs[job.id] = job

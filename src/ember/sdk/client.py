@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -200,26 +202,34 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
 
 
 _default: Client | None = None
-_default_async: AsyncClient | None = None
+_settings: tuple[str | None, str | None] = (None, None)
+_async: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str | None, str | None], AsyncClient]
+] = weakref.WeakKeyDictionary()
 
 
 def default_client() -> Client:
     global _default
     if _default is None:
-        _default = Client()
+        _default = Client(*_settings)
     return _default
 
 
+def async_client_for(url: str | None = None, token: str | None = None) -> AsyncClient:
+    """One AsyncClient per event loop and server: httpx binds connections to the loop that made them."""
+    per_loop = _async.setdefault(asyncio.get_running_loop(), {})
+    client = per_loop.get((url, token))
+    if client is None:
+        client = per_loop[(url, token)] = AsyncClient(url=url, token=token)
+    return client
+
+
 def default_async_client() -> AsyncClient:
-    """One per process; httpx binds it to the first event loop that uses it."""
-    global _default_async
-    if _default_async is None:
-        _default_async = AsyncClient()
-    return _default_async
+    return async_client_for(*_settings)
 
 
 def configure(url: str | None = None, token: str | None = None) -> None:
     """Point the SDK at a server other than EMBER_URL / EMBER_TOKEN."""
-    global _default, _default_async
+    global _default, _settings
+    _settings = (url, token)
     _default = Client(url=url, token=token)
-    _default_async = None if url is None and token is None else AsyncClient(url=url, token=token)

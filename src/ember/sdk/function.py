@@ -148,8 +148,8 @@ class Function:
 
 
 def _aclient(client: Client | None) -> AsyncClient:
-    from ember.sdk.client import AsyncClient, default_async_client
+    from ember.sdk.client import async_client_for, default_async_client
 
     if client is None:
         return default_async_client()
-    return AsyncClient(url=client.url, token=client.token)
+    return async_client_for(client.url, client.token)

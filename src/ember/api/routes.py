@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from ember.control.plane import ControlPlane, DeployError, NotFoundError
 from ember.control.records import InputError, Job
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def plane(request: Request) -> ControlPlane:
@@ -24,14 +26,27 @@ def plane(request: Request) -> ControlPlane:
     return cp
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def json_body(request: Request) -> Any:
     raw = await request.body()
     if not raw:
         return {}
     try:
-        return json.loads(raw)
+        value = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)
+        if _SURROGATE_ESCAPE.search(raw):  # rare: only then look for a lone surrogate
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+        raise ApiException(
+            400, "invalid_json", f"request body is not valid UTF-8 text: {exc.reason}"
+        ) from None
+    except RecursionError:
+        raise ApiException(400, "invalid_json", "request body is nested too deeply") from None
     except ValueError as exc:
         raise ApiException(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    return value
 
 
 def _not_found(exc: NotFoundError) -> ApiException:
@@ -60,6 +75,8 @@ def _submit(request: Request, app: str, fn: str, input: Any) -> tuple[Job, async
         raise _not_found(exc) from None
     except InputError as exc:
         raise ApiException(422, "invalid_input", str(exc)) from None
+    except RecursionError:
+        raise ApiException(422, "invalid_input", "input is nested too deeply") from None
 
 
 @router.post(

@@ -484,7 +484,7 @@ class ControlPlane:
             created=job.created,
             dispatched=job.dispatched,
             finished=job.finished,
-            exec_s=job.exec_ms / 1000.0,
+            exec_s=None if job.exec_ms is None else job.exec_ms / 1000.0,
             worker=job.worker_start,
         ).to_dict()
         self.counts.setdefault((job.app, job.function), Counter())[status.value] += 1
@@ -550,6 +550,11 @@ class ControlPlane:
         if job.status is not JobStatus.IN_PROGRESS or job.worker is not w:
             return
         limit = w.pool.spec.timeout
+        # The loop's timer clock may run behind time.monotonic(): never end a job early.
+        left = (job.dispatched or 0.0) + limit - time.monotonic()
+        if left > 0:
+            job.timer = self.loop.call_later(left, self._on_timeout, job, w)
+            return
         self._finish(
             job,
             JobStatus.TIMED_OUT,
@@ -619,8 +624,21 @@ class ControlPlane:
         w.pid = w.process.pid
         if w.stop_reason is not None:  # stopped while it was being started
             w.process.kill()
+        # As in Modal, `timeout` also bounds a worker's start (imports and @enter hooks).
+        self.loop.call_later(w.pool.spec.timeout, self._on_startup_timeout, w)
         code = await w.process.wait()
         self._on_exit(w, code)
+
+    def _on_startup_timeout(self, w: Worker) -> None:
+        if w.ready is not None or w.id not in self.workers or w.stop_reason is not None:
+            return
+        w.fatal = _error(
+            "StartupTimeout",
+            f"the worker did not become ready within the timeout of {w.pool.spec.timeout:g} s "
+            "(imports or @enter hooks still running); it was stopped",
+        )
+        if w.process is not None:
+            w.process.kill()
 
     def _drain(self, w: Worker, reason: str) -> None:
         if w.state is WorkerState.DRAINING:
@@ -691,6 +709,7 @@ class ControlPlane:
             None,
             None,
         )
+        job.exec_ms = None
         state = self.apps.get(job.app)
         meta = state.functions.get(job.function) if state else None
         if state is None or meta is None:

@@ -53,7 +53,8 @@ class FunctionMeta:
         if error is not None:
             path = list(error.absolute_path)
             where = str(path[0]) + "".join(f"[{p!r}]" for p in path[1:]) if path else "input"
-            raise InputError(f"argument '{where}': {error.message}")
+            message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
+            raise InputError(f"argument '{where}': {message}")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -86,7 +87,8 @@ class Job:
     dispatched: float | None = None
     finished: float | None = None
     finished_at: float | None = None
-    exec_ms: float = 0.0
+    exec_ms: float | None = None
+    """As the worker measured it; None until it reports."""
     worker: Worker | None = None
     worker_start: WorkerStart | None = None
     timings: dict[str, float] | None = None

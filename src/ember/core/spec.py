@@ -6,6 +6,7 @@ server checks them again at deploy time (a client may send anything); both must 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,8 @@ class FunctionSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FunctionSpec:
+        if not isinstance(d, Mapping):
+            raise SpecError(f"'spec' must be an object, got {type(d).__name__}")
         scaling = d.get("scaling") or {}
         if not isinstance(scaling, Mapping):
             raise SpecError("'scaling' must be an object")
@@ -103,7 +106,7 @@ def _int(name: str, value: Any, *, minimum: int) -> int:
 
 
 def _seconds(name: str, value: Any, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise SpecError(f"{name} must be a number of seconds, got {value!r}")
     if value < 0 or (positive and value == 0):
         raise SpecError(f"{name} must be {'> 0' if positive else '>= 0'} seconds, got {value}")
@@ -140,14 +143,14 @@ def parse_memory_mib(value: Any) -> int | None:
     if isinstance(value, bool):
         raise SpecError(f"memory must be MiB as an integer or a string like '8GiB', got {value!r}")
     if isinstance(value, int | float):
-        mib = float(value)
+        mib = float(value) if abs(value) < 2**53 else math.inf
     elif isinstance(value, str) and (m := _MEMORY_RE.match(value)):
         unit = (m["unit"] or "").upper()
         mib = float(m["num"]) * _UNIT_MIB[unit]
     else:
         raise SpecError(f"memory must be MiB as an integer or a string like '8GiB', got {value!r}")
-    if mib <= 0:
-        raise SpecError(f"memory must be positive, got {value!r}")
+    if not 0 < mib < 2**53:
+        raise SpecError(f"memory must be positive and finite, got {value!r}")
     return max(1, round(mib))
 
 
@@ -186,7 +189,9 @@ def make_spec(
     mx = _int("max_workers", max_workers, minimum=1)
     if mn > mx:
         raise SpecError(f"min_workers ({mn}) must not exceed max_workers ({mx})")
-    if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int | float) or cpu <= 0):
+    if cpu is not None and (
+        isinstance(cpu, bool) or not isinstance(cpu, int | float) or not cpu > 0 or cpu == math.inf
+    ):
         raise SpecError(f"cpu must be a positive number of cores, got {cpu!r}")
     if env is not None and (not isinstance(env, str) or not env):
         raise SpecError(f"env must be the name of an environment, got {env!r}")

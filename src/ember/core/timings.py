@@ -52,10 +52,14 @@ def job_timings(
     created: float,
     dispatched: float | None,
     finished: float,
-    exec_s: float,
+    exec_s: float | None,
     worker: WorkerStart | None,
 ) -> Timings:
-    """All arguments are seconds on one monotonic clock; `exec_s` was measured by the worker."""
+    """All arguments are seconds on one monotonic clock; `exec_s` was measured by the worker.
+
+    `exec_s=None`: the worker never reported (the job was cancelled, timed out, or its worker
+    died), so its whole time on the worker counts as exec.
+    """
     total = max(0.0, finished - created)
     if dispatched is None:  # never reached a worker (cancelled in queue, failed at start)
         return Timings(_ms(total), 0.0, 0.0, 0.0, 0.0, _ms(total))
@@ -65,7 +69,7 @@ def job_timings(
         cold = _overlap(created, dispatched, worker.spawned, worker.connected)
         load = _overlap(created, dispatched, worker.connected, worker.ready)
     run = max(0.0, finished - dispatched)
-    exec_s = min(max(0.0, exec_s), run)
+    exec_s = run if exec_s is None else min(max(0.0, exec_s), run)
     queue_ms, cold_ms, load_ms, exec_ms = _ms(wait - cold - load), _ms(cold), _ms(load), _ms(exec_s)
     total_ms = _ms(total)
     post_ms = round(max(0.0, total_ms - queue_ms - cold_ms - load_ms - exec_ms), 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,10 @@ def load_apps(path: str | Path) -> tuple[list[App], str]:
     sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code failed: say where, without ember's frames
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+        where = f" (line {frames[-1].lineno})" if frames else ""
+        raise InvalidSpec(f"importing {path} failed{where}: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path.remove(str(path.parent))
     apps = [v for v in vars(module).values() if isinstance(v, App)]

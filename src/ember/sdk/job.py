@@ -21,10 +21,15 @@ def sync_client(client: Client | None) -> Client:
     return client or default_client()
 
 
-def async_client(client: AsyncClient | None) -> AsyncClient:
-    from ember.sdk.client import default_async_client
+def async_client(client: AsyncClient | None, sync: Client | None = None) -> AsyncClient:
+    """`client`, else the async twin of `sync` (same server and token), else the default."""
+    from ember.sdk.client import async_client_for, default_async_client
 
-    return client or default_async_client()
+    if client is not None:
+        return client
+    if sync is not None:
+        return async_client_for(sync.url, sync.token)
+    return default_async_client()
 
 
 def outcome(body: dict[str, Any]) -> Any:
@@ -97,7 +102,7 @@ class Job:
     async def result_aio(
         self, timeout: float | None = None, client: AsyncClient | None = None
     ) -> Any:
-        http = async_client(client)
+        http = async_client(client, self._client)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
@@ -108,7 +113,7 @@ class Job:
                 raise ResultTimeout(f"job {self.id} still {body['status']} after {timeout} s")
 
     async def stream_aio(self, client: AsyncClient | None = None) -> AsyncIterator[Any]:
-        http = async_client(client)
+        http = async_client(client, self._client)
         async for event, data in http.stream(self.id):
             if event == "output":
                 yield data

@@ -15,11 +15,14 @@ _HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 30
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+dumps_value = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+"""For user values (outputs): strict JSON, so NaN or Infinity fail here and not in an HTTP answer."""
 
 
 def encode(msg: dict[str, Any], raw: dict[str, bytes] | None = None) -> bytes:
     """Encode `msg`; `raw` adds fields whose values are already JSON (no second serialisation)."""
-    body = _dumps(msg).encode()
+    # "replace": a lone surrogate in an error message or a printed line must not break the frame
+    body = _dumps(msg).encode("utf-8", "replace")
     if raw:
         extra = b",".join(_dumps(k).encode() + b":" + v for k, v in raw.items())
         body = body[:-1] + (b"," if len(body) > 2 else b"") + extra + b"}"

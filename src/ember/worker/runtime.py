@@ -86,6 +86,10 @@ class Worker:
         self.exit_hooks: list[Callable[[], Any]] = []
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.threads: dict[str, int] = {}
+        self.sync_jobs: set[str] = set()
+        self.cancelled: set[str] = set()
+        """Sync jobs asked to stop before their thread started; the thread checks on start."""
+        self.cancel_lock = threading.Lock()
         self.logs: list[list[Any]] = []
         self.logs_lock = threading.Lock()
         self.draining = False
@@ -176,7 +180,7 @@ class Worker:
             self.finish(job_id, {"ok": True}, t0)
             return
         try:
-            raw = protocol._dumps(output).encode()
+            raw = protocol.dumps_value(output).encode()
         except (TypeError, ValueError) as exc:
             err = TypeError(
                 f"the output of type {type(output).__name__} is not JSON-serialisable: {exc}"
@@ -188,7 +192,10 @@ class Worker:
     def _run_in_thread(
         self, job_id: str, fn: Callable[..., Any], kind: str, kwargs: dict[str, Any]
     ) -> Any:
-        self.threads[job_id] = threading.get_ident()
+        with self.cancel_lock:
+            if job_id in self.cancelled:
+                raise Cancelled()
+            self.threads[job_id] = threading.get_ident()
         try:
             if kind == "generator":
                 for value in fn(**kwargs):
@@ -196,11 +203,12 @@ class Worker:
                 return None
             return fn(**kwargs)
         finally:
-            self.threads.pop(job_id, None)
+            with self.cancel_lock:
+                self.threads.pop(job_id, None)
 
     def send_output(self, job_id: str, value: Any) -> None:
         try:
-            raw = protocol._dumps(value).encode()
+            raw = protocol.dumps_value(value).encode()
         except (TypeError, ValueError):
             raw = protocol._dumps(repr(value)).encode()
         self.flush_logs()
@@ -220,16 +228,26 @@ class Worker:
         task = self.tasks.get(job_id)
         if task is None:
             return
-        tid = self.threads.get(job_id)
-        if tid is not None:  # sync code: raise Cancelled in its thread at the next bytecode
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(tid), ctypes.py_object(Cancelled)
-            )
-        else:
+        if job_id not in self.sync_jobs:
             task.cancel()
+            return
+        # Sync code: never cancel the task, which would leave its thread running unseen.
+        with self.cancel_lock:
+            tid = self.threads.get(job_id)
+            if tid is None:  # its thread has not started yet: it will see this and stop
+                self.cancelled.add(job_id)
+            else:  # raise Cancelled in its thread at the next bytecode
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(tid), ctypes.py_object(Cancelled)
+                )
 
-    def _forget_task(self, job_id: str, _task: asyncio.Task[None]) -> None:
+    def _forget_task(self, job_id: str, task: asyncio.Task[None]) -> None:
         self.tasks.pop(job_id, None)
+        self.sync_jobs.discard(job_id)
+        with self.cancel_lock:
+            self.cancelled.discard(job_id)
+        if task.cancelled():  # cancelled before it ever ran: nothing else reports it
+            self.finish(job_id, {"status": "CANCELLED"}, time.perf_counter())
 
     async def drain(self) -> None:
         self.draining = True
@@ -276,11 +294,22 @@ class Worker:
             if kind == "run":
                 task = asyncio.create_task(self.run_job(msg))
                 self.tasks[msg["job"]] = task
+                if self.targets.get(msg["fn"], (None, ""))[1] in ("function", "generator"):
+                    self.sync_jobs.add(msg["job"])
                 task.add_done_callback(functools.partial(self._forget_task, msg["job"]))
             elif kind == "cancel":
                 self.cancel(msg["job"])
             elif kind == "drain" and not self.draining:
                 self._drainer = asyncio.create_task(self.drain())
+
+
+def _exit_with_parent(ppid: int, interval: float = 0.2) -> None:
+    """Exit once the server (our parent) is gone, even while user code blocks the event loop
+    (a long `@enter` hook, a blocking call in async code) so that it cannot see the drop."""
+    while True:
+        time.sleep(interval)
+        if os.getppid() != ppid:
+            os._exit(0)
 
 
 def main() -> None:
@@ -290,5 +319,8 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    threading.Thread(
+        target=_exit_with_parent, args=(os.getppid(),), name="ember-parent", daemon=True
+    ).start()
     worker = Worker(dict(os.environ))
     asyncio.run(worker.serve())

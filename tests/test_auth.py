@@ -91,3 +91,15 @@ def test_the_token_is_checked_exactly(server: Server) -> None:
     # the scheme is case-insensitive, as HTTP says
     resp = server.http("GET", "/v1/apps", token=None, headers={"Authorization": f"bearer {token}"})
     assert resp.status_code == 200
+
+
+def test_deleting_the_token_file_rotates_the_token(server: Server) -> None:
+    old = server.token
+    server.stop()
+    (server.data_dir / "token").unlink()
+    server.start()
+    new = server.token
+    assert new != old
+    assert server.http("GET", "/v1/apps", token=new).status_code == 200
+    assert server.http("GET", "/v1/apps", token=old).status_code == 401
+    assert len(db_tokens(server.data_dir)) == 1

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from fastapi import Request
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, delete, insert, select
 
 from ember.api.errors import ApiException
 from ember.config import TOKEN_FILE
@@ -25,18 +25,22 @@ def token_hash(token: str) -> str:
 
 
 def ensure_token(engine: Engine, data_dir: Path) -> set[str]:
-    """Make sure the token file exists and is known; return every valid token's hash."""
+    """Make sure the token file exists and is known; return every valid token's hash.
+
+    Deleting the token file and restarting rotates the admin token: the old one stops working.
+    """
     path = data_dir / TOKEN_FILE
     with engine.begin() as conn:
-        hashes = set(conn.execute(select(tables.tokens.c.hash)).scalars())
         token = path.read_text().strip() if path.exists() else ""
         if not token:
+            conn.execute(delete(tables.tokens).where(tables.tokens.c.name == "admin"))
             token = "ember_" + secrets.token_urlsafe(32)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(token + "\n")
             log.info("created a new API token in %s", path)
         os.chmod(path, 0o600)
+        hashes = set(conn.execute(select(tables.tokens.c.hash)).scalars())
         h = token_hash(token)
         if h not in hashes:
             conn.execute(insert(tables.tokens).values(name="admin", hash=h, created_at=time.time()))

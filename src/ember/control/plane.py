@@ -684,6 +684,7 @@ class ControlPlane:
             job.attempts += 1
             if should_retry(job.attempts, pool.spec.retries):
                 log.warning("job %s: worker exited with code %s, retrying", job.id, code)
+                self._store_attempts(job)
                 self._requeue(job)
             else:
                 self._finish(
@@ -699,6 +700,11 @@ class ControlPlane:
         if not self._stopping:
             self._pump(pool)
             self._scale(pool)
+
+    def _store_attempts(self, job: Job) -> None:
+        """A retry is remembered, so a server restart cannot grant a crashing job more tries."""
+        stmt = update(tables.jobs).where(tables.jobs.c.id == job.id).values(attempts=job.attempts)
+        self.writer.submit(_execute(stmt))
 
     def _requeue(self, job: Job) -> None:
         if job.timer is not None:
@@ -809,6 +815,7 @@ class ControlPlane:
         job.attempts += 1
         assert job.worker is not None
         if should_retry(job.attempts, job.worker.pool.spec.retries):
+            self._store_attempts(job)
             self._requeue(job)
             return
         self._finish(job, JobStatus.FAILED, error=error)

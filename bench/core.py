@@ -1,0 +1,528 @@
+"""Core benchmark: warm /runsync latency, throughput at 32 clients, cold start from zero.
+
+Starts its own `ember server` (free port, temporary data dir), deploys a no-op function, measures,
+stops the server and checks that no worker outlived it. Prints JSON to stdout and writes it to
+bench/results/core.json. Progress goes to stderr.
+
+    .venv/bin/python bench/core.py            # full run: N=2000 warm, 10 s at 32 clients, N=20 cold
+    .venv/bin/python bench/core.py --quick    # a few seconds, for a smoke check
+
+This is a benchmark, not a test: it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "core.json"
+APP = "bench"
+
+# The deployed app: `noop` stays warm; `cold` scales to zero as soon as it is idle.
+BENCH_APP = """
+import ember
+
+app = ember.App("bench")
+
+
+@app.function(
+    min_workers={min_workers},
+    max_workers={max_workers},
+    concurrency={concurrency},
+    idle_timeout=600,
+)
+def noop() -> None:
+    return None
+
+
+@app.function(max_workers=1, idle_timeout=0)
+def cold() -> None:
+    return None
+"""
+
+# Ray Serve 2.60 on a 2-core machine like this one, as given in issue 2 (not re-measured here).
+RAY_SERVE_REFERENCE: dict[str, Any] = {
+    "source": "issue 2 (Ray Serve 2.60, 2-core machine); not re-measured in this run",
+    "warm_p50_ms": [4.0, 6.0],
+    "warm_p99_ms": [8.0, 14.0],
+    "throughput_calls_per_s": 270.0,
+    "cold_start_s": [7.0, 17.0],
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary(values_ms: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(percentile(values_ms, 50), 3),
+        "p99_ms": round(percentile(values_ms, 99), 3),
+        "mean_ms": round(statistics.fmean(values_ms), 3) if values_ms else math.nan,
+        "min_ms": round(min(values_ms), 3) if values_ms else math.nan,
+        "max_ms": round(max(values_ms), 3) if values_ms else math.nan,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+    return value
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+class BenchServer:
+    def __init__(self, root: Path, log_level: str = "warning") -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.log_path = root / "server.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_level = log_level
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.token = ""
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "ember.cli.main", "server"),
+                    *("--port", str(self.port), "--data-dir", str(self.data_dir)),
+                    *("--log-level", self.log_level),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self._healthy, 30, f"{self.url}/v1/health", every=0.05)
+        self.token = (self.data_dir / "token").read_text().strip()
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ember server exited with code {self.proc.returncode}")
+        try:
+            return httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
+
+    def deploy(self, source: str) -> None:
+        path = self.root / "bench_app.py"
+        path.write_text(source)
+        env = {**os.environ, "EMBER_URL": self.url, "EMBER_DATA_DIR": str(self.data_dir)}
+        subprocess.run(
+            [sys.executable, "-m", "ember.cli.main", "deploy", str(path)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+
+    def workers_in_proc(self) -> set[int]:
+        marker = f"EMBER_BUNDLE={self.data_dir}".encode()
+        found = set()
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/environ", "rb") as f:
+                        if marker in f.read():
+                            found.add(int(entry))
+                except OSError:
+                    continue
+        return {p for p in found if pid_alive(p)}
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        seen = self.workers_in_proc()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            wait_until(
+                lambda: not any(pid_alive(p) for p in seen | self.workers_in_proc()),
+                10,
+                "workers to exit",
+                every=0.05,
+            )
+        except TimeoutError:
+            left = sorted(p for p in seen | self.workers_in_proc() if pid_alive(p))
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+            raise RuntimeError(f"workers outlived the server (killed now): {left}") from None
+
+
+def runsync_path(fn: str) -> str:
+    return f"/v1/apps/{APP}/{fn}/runsync"
+
+
+def call(client: httpx.Client, fn: str) -> dict[str, Any]:
+    resp = client.post(runsync_path(fn), json={"input": {}})
+    if resp.status_code != 200:
+        raise RuntimeError(f"runsync {fn}: HTTP {resp.status_code}: {resp.text[:300]}")
+    body: dict[str, Any] = resp.json()
+    if body["status"] != "COMPLETED":
+        raise RuntimeError(f"runsync {fn}: job {body['status']}: {body.get('error')}")
+    return body
+
+
+def bench_warm(server: BenchServer, n: int, warmup: int) -> dict[str, Any]:
+    """Sequential POST /runsync of a no-op on a warm worker, one keep-alive connection."""
+    rtt: list[float] = []
+    server_total: list[float] = []
+    health: list[float] = []
+    with server.client() as client:
+        for _ in range(warmup):
+            call(client, "noop")
+            client.get("/v1/health")
+        for _ in range(n):
+            t0 = time.perf_counter()
+            body = call(client, "noop")
+            rtt.append((time.perf_counter() - t0) * 1000)
+            server_total.append(body["timings"]["total_ms"])
+        for _ in range(n):  # the same client and server, no job: the HTTP stack alone
+            t0 = time.perf_counter()
+            client.get("/v1/health").raise_for_status()
+            health.append((time.perf_counter() - t0) * 1000)
+    return {
+        "what": "sequential POST /v1/apps/bench/noop/runsync, one keep-alive httpx.Client",
+        "n": n,
+        "warmup": warmup,
+        **summary(rtt),
+        "server_total_ms": summary(server_total),
+        "server_total_note": "the job's own total_ms: accepted to finished, inside the server",
+        "http_baseline_ms": summary(health),
+        "http_baseline_note": "GET /v1/health round trip, same client: HTTP + uvicorn alone",
+    }
+
+
+Load = tuple[list[float], int, float]
+"""Latencies (ms), errors, seconds from the first call to the last answer."""
+
+
+def _threads_load(server: BenchServer, clients: int, duration: float) -> Load:
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def worker(i: int) -> None:
+        with server.client() as client:
+            call(client, "noop")  # open the connection before the clock starts
+            start.wait()
+            mine = latencies[i]
+            while time.perf_counter() < stop_at[0]:
+                t0 = time.perf_counter()
+                try:
+                    call(client, "noop")
+                except Exception:
+                    errors[i] += 1
+                    continue
+                mine.append((time.perf_counter() - t0) * 1000)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + 3600
+    start.wait()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + duration
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return [x for lat in latencies for x in lat], sum(errors), elapsed
+
+
+def _asyncio_load(server: BenchServer, clients: int, duration: float) -> Load:
+    async def run() -> Load:
+        latencies: list[float] = []
+        errors = 0
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(
+            base_url=server.url, headers=server.headers, timeout=60, limits=limits
+        ) as client:
+
+            async def one() -> None:
+                resp = await client.post(runsync_path("noop"), json={"input": {}})
+                if resp.status_code != 200 or resp.json()["status"] != "COMPLETED":
+                    raise RuntimeError(resp.text[:300])
+
+            await asyncio.gather(*(one() for _ in range(clients)))  # open the connections
+            t0 = time.perf_counter()
+            stop_at = t0 + duration
+
+            async def loop() -> None:
+                nonlocal errors
+                while time.perf_counter() < stop_at:
+                    t0 = time.perf_counter()
+                    try:
+                        await one()
+                    except Exception:
+                        errors += 1
+                        continue
+                    latencies.append((time.perf_counter() - t0) * 1000)
+
+            await asyncio.gather(*(loop() for _ in range(clients)))
+            elapsed = time.perf_counter() - t0
+        return latencies, errors, elapsed
+
+    return asyncio.run(run())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_throughput(
+    server: BenchServer, clients: int, duration: float, mode: str
+) -> dict[str, Any]:
+    """`clients` closed-loop clients calling the no-op for `duration` seconds."""
+    load = _threads_load if mode == "threads" else _asyncio_load
+    assert server.proc is not None
+    with server.client() as c:
+        worker_pids = [w["pid"] for w in c.get("/v1/workers").json()["workers"] if w["pid"]]
+    pids = {"server": [server.proc.pid], "workers": worker_pids}
+    before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+    client_before = time.process_time()
+    latencies, errors, elapsed = load(server, clients, duration)
+    cpu = {k: round(sum(cpu_seconds(p) for p in v) - before[k], 2) for k, v in pids.items()}
+    cpu["client"] = round(time.process_time() - client_before, 2)
+    return {
+        "what": f"{clients} concurrent closed-loop clients, POST runsync of the no-op",
+        "clients": clients,
+        "client_mode": (
+            "threads, each with its own httpx.Client (keep-alive)"
+            if mode == "threads"
+            else "asyncio, one httpx.AsyncClient with a connection per client"
+        ),
+        "duration_s": round(elapsed, 3),
+        "calls": len(latencies),
+        "errors": errors,
+        "calls_per_s": round(len(latencies) / elapsed, 1),
+        "latency": summary(latencies),
+        "cpu_s": cpu,
+        "cpu_note": "CPU seconds used during the run by the server, its workers and this client "
+        "(all on the same cores)",
+    }
+
+
+def cold_workers(server: BenchServer, client: httpx.Client) -> list[dict[str, Any]]:
+    workers: list[dict[str, Any]] = client.get("/v1/workers").json()["workers"]
+    return [w for w in workers if w["app"] == APP and w["unit"] == "cold"]
+
+
+def bench_cold(server: BenchServer, n: int) -> dict[str, Any]:
+    """Each round: wait until `cold` (idle_timeout=0) has no worker process at all, then time
+    one call end to end; the job's own cold_start_ms is reported beside it."""
+    e2e: list[float] = []
+    cold_ms: list[float] = []
+    total_ms: list[float] = []
+    with server.client() as client:
+        for i in range(n):
+            pids = {w["pid"] for w in cold_workers(server, client) if w.get("pid")}
+            wait_until(lambda: not cold_workers(server, client), 30, "scale to zero")
+            wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "worker exit")  # noqa: B023
+            time.sleep(0.05)  # let the exiting process's last CPU work settle
+            t0 = time.perf_counter()
+            body = call(client, "cold")
+            e2e.append((time.perf_counter() - t0) * 1000)
+            cold_ms.append(body["timings"]["cold_start_ms"])
+            total_ms.append(body["timings"]["total_ms"])
+            if body["timings"]["cold_start_ms"] <= 0:
+                raise RuntimeError(f"round {i}: the call found a warm worker: {body['timings']}")
+    return {
+        "what": "POST runsync with no worker running (idle_timeout=0), no template (plain process start)",
+        "n": n,
+        "end_to_end": summary(e2e),
+        "job_cold_start_ms": summary(cold_ms),
+        "job_total_ms": summary(total_ms),
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import ember
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "ember": ember.__version__,
+        "httpx": httpx.__version__,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run: a few seconds")
+    parser.add_argument("--warm-n", type=int, help="sequential warm calls (default 2000)")
+    parser.add_argument("--duration", type=float, help="throughput run, seconds (default 10)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
+    parser.add_argument(
+        "--client-mode",
+        choices=("threads", "asyncio"),
+        default="threads",
+        help="throughput clients: threads with an httpx.Client each, or asyncio (default threads)",
+    )
+    parser.add_argument("--cold-n", type=int, help="cold starts from zero (default 20)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes of the no-op, started at deploy (default 1)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="slots per no-op worker (default 32)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
+    args = parser.parse_args()
+    warm_n = args.warm_n or (200 if args.quick else 2000)
+    duration = args.duration or (2.0 if args.quick else 10.0)
+    cold_n = args.cold_n or (5 if args.quick else 20)
+
+    root = Path(tempfile.mkdtemp(prefix="ember-bench-"))
+    server = BenchServer(root)
+    result: dict[str, Any] = {
+        "benchmark": "bench/core.py",
+        "command": " ".join(["python", "bench/core.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "noop_function": {
+            "workers": args.workers,
+            "concurrency": args.concurrency,
+            "note": "min_workers=max_workers=--workers, started at deploy and kept warm",
+        },
+    }
+    ok = False
+    try:
+        log(f"starting ember server on {server.url} (data dir {server.data_dir})")
+        server.start()
+        server.deploy(
+            textwrap.dedent(BENCH_APP).format(
+                min_workers=args.workers, max_workers=args.workers, concurrency=args.concurrency
+            )
+        )
+        with server.client() as c:
+            wait_until(
+                lambda: (
+                    c.get(f"/v1/apps/{APP}/noop/health").json()["workers"].get("idle", 0)
+                    >= args.workers
+                ),
+                60,
+                "the no-op's workers",
+            )
+        log(f"warm: {warm_n} sequential calls")
+        result["warm_runsync"] = bench_warm(server, warm_n, warmup=max(50, warm_n // 10))
+        log(f"throughput: {args.clients} clients ({args.client_mode}) for {duration:.0f} s")
+        result["throughput"] = bench_throughput(server, args.clients, duration, args.client_mode)
+        log(f"cold start: {cold_n} calls from zero")
+        result["cold_start"] = bench_cold(server, cold_n)
+        ok = True
+    finally:
+        try:
+            server.stop()
+            result["workers_left_after_stop"] = 0
+        except RuntimeError as exc:
+            ok = False
+            log(str(exc))
+        if not ok:
+            log(f"server log ({server.log_path}):\n{server.log_path.read_text()[-3000:]}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    warm, tp, cold = result["warm_runsync"], result["throughput"], result["cold_start"]
+    ref = RAY_SERVE_REFERENCE
+    result["ray_serve_reference"] = ref
+    cold_p50_s = cold["end_to_end"]["p50_ms"] / 1000
+    result["ray_serve_over_ember"] = {
+        "note": "Ray Serve figure / ember figure (latency: >1 means ember is faster; "
+        "throughput: ember / Ray Serve, >1 means ember is faster)",
+        "warm_p50": [round(x / warm["p50_ms"], 1) for x in ref["warm_p50_ms"]],
+        "warm_p99": [round(x / warm["p99_ms"], 1) for x in ref["warm_p99_ms"]],
+        "throughput": round(tp["calls_per_s"] / ref["throughput_calls_per_s"], 1),
+        "cold_start_p50": [round(x / cold_p50_s) for x in ref["cold_start_s"]],
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text + "\n")
+    log(f"written to {args.output}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""`make demo`: a tour of ember in about ten seconds, on this machine, with nothing left running.
+
+It starts `ember server` on a free port with a temporary data dir, deploys examples/hello.py with
+the CLI, calls its functions through the Python SDK (sync, async, stream, map, a class method),
+prints each call's timings, and stops the server, checking that no worker outlived it.
+
+    .venv/bin/python examples/demo.py [--keep]     # --keep: leave the data dir for a look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+import ember
+
+HERE = Path(__file__).resolve().parent
+console = Console(highlight=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True  # no /proc (macOS): trust kill(pid, 0)
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+class DemoServer:
+    """`ember server` as a subprocess: free port, temporary data dir, log in a file."""
+
+    def __init__(self, root: Path) -> None:
+        self.data_dir = root / "data"
+        self.log_path = root / "server.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.worker_pids: set[int] = set()
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "ember.cli.main", "server"),
+                    *("--port", str(self.port), "--data-dir", str(self.data_dir)),
+                    *("--log-level", "warning"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self._healthy, 30, f"GET {self.url}/v1/health")
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ember server exited with code {self.proc.returncode}")
+        try:
+            return httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "token").read_text().strip()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client of this server needs: its URL, and its data dir for the token."""
+        return {**os.environ, "EMBER_URL": self.url, "EMBER_DATA_DIR": str(self.data_dir)}
+
+    def cli(self, *args: str) -> str:
+        """Run `ember ARGS...` against this server and return what it printed."""
+        done = subprocess.run(
+            [sys.executable, "-m", "ember.cli.main", *args],
+            env={**self.env, "COLUMNS": "100"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"`ember {' '.join(args)}` failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def workers(self) -> list[dict[str, Any]]:
+        """GET /v1/workers; remembers every pid seen, to check they are gone at the end."""
+        resp = httpx.get(
+            f"{self.url}/v1/workers",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
+        resp.raise_for_status()
+        workers: list[dict[str, Any]] = resp.json()["workers"]
+        self.worker_pids.update(w["pid"] for w in workers if w.get("pid"))
+        return workers
+
+    def stop(self) -> None:
+        """SIGTERM, wait for the server to exit, then make sure no worker outlived it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                console.print("[red]server did not stop in 30 s: killing it[/red]")
+                self.proc.kill()
+                self.proc.wait()
+        self.worker_pids.update(self.workers_in_proc())
+        try:
+            wait_until(
+                lambda: not any(pid_alive(p) for p in self.worker_pids), 10, "workers to exit"
+            )
+        except TimeoutError:
+            left = sorted(p for p in self.worker_pids if pid_alive(p))
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+            raise RuntimeError(f"workers outlived the server (killed now): {left}") from None
+
+    def workers_in_proc(self) -> set[int]:
+        """Workers carry EMBER_BUNDLE=<data dir>/... in their environment (Linux only)."""
+        marker = f"EMBER_BUNDLE={self.data_dir}".encode()
+        found = set()
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/environ", "rb") as f:
+                        if marker in f.read():
+                            found.add(int(entry))
+                except OSError:
+                    continue
+        return found
+
+
+class Calls:
+    """Each call's latency terms, as the server measured them, for the table at the end."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, dict[str, float] | None, float]] = []
+
+    def add(self, call: str, timings: dict[str, float] | None, rtt: float) -> None:
+        self.rows.append((call, timings, rtt))
+
+    def table(self) -> Table:
+        terms = ("queue_ms", "cold_start_ms", "load_ms", "exec_ms", "post_ms", "total_ms")
+        table = Table(
+            title="each call's latency terms, in ms, as the server measured them",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        table.add_column("call", no_wrap=True)
+        for head in ("queue", "cold", "load", "exec", "post", "total", "client"):
+            table.add_column(head, justify="right", no_wrap=True, min_width=len(head))
+        for call, timings, rtt in self.rows:
+            cells = [f"{timings[t]:.1f}" for t in terms] if timings else ["-"] * 6
+            table.add_row(call, *cells, f"{rtt * 1000:.1f}")
+        return table
+
+
+def runsync(fn: ember.Function, **kwargs: Any) -> tuple[Any, dict[str, Any], float]:
+    """What `fn.remote(**kwargs)` does (one POST /runsync), keeping the whole job body, whose
+    `timings` the demo shows; `fn.remote` itself returns only the output."""
+    t0 = time.perf_counter()
+    body = fn.client.runsync(fn.app_name, fn.name, kwargs)
+    while body["status"] in ("IN_QUEUE", "IN_PROGRESS"):  # runsync answered 202: still running
+        body = ember.Job(body["id"]).wait(timeout=60)
+    rtt = time.perf_counter() - t0
+    if body["status"] != "COMPLETED":
+        raise RuntimeError(f"{fn!r} ended {body['status']}: {body['error']}")
+    return body["output"], body, rtt
+
+
+def tour(server: DemoServer) -> None:
+    calls = Calls()
+
+    console.rule("[bold]1. deploy examples/hello.py with the CLI")
+    console.print(f"$ EMBER_URL={server.url} ember deploy examples/hello.py")
+    console.print(server.cli("deploy", str(HERE / "hello.py")).rstrip(), markup=False)
+
+    # The SDK finds the server through ember.configure (or EMBER_URL / EMBER_TOKEN).
+    ember.configure(url=server.url, token=server.token)
+    square = ember.Function.lookup("hello", "square")
+    slow_square = ember.Function.lookup("hello", "slow_square")
+    countdown = ember.Function.lookup("hello", "countdown")
+    add = ember.Function.lookup("hello", "Counter.add")
+
+    console.rule("[bold]2. square.remote(x): synchronous calls")
+    out, body, rtt = runsync(square, x=3)
+    console.print(f"square.remote(3) = {out}   cold: no worker existed, one was started")
+    calls.add("square(3) remote, cold", body["timings"], rtt)
+    out, body, rtt = runsync(square, x=4)
+    console.print(f"square.remote(4) = {out}   warm: the same worker served it")
+    calls.add("square(4) remote, warm", body["timings"], rtt)
+    t0 = time.perf_counter()
+    out = square.remote(5)
+    console.print(f"square.remote(5) = {out}   (the plain SDK call; returns the output only)")
+    calls.add("square(5) remote", None, time.perf_counter() - t0)
+
+    console.rule("[bold]3. square.spawn(x): asynchronous, a durable job")
+    t0 = time.perf_counter()
+    job = square.spawn(6)
+    console.print(f"job = square.spawn(6)  ->  job id {job.id}  (status {job.status()})")
+    out = job.result(timeout=30)
+    console.print(f"job.result() = {out}")
+    calls.add("square(6) spawn", job.info()["timings"], time.perf_counter() - t0)
+
+    console.rule("[bold]4. countdown: a generator, streamed as it yields")
+    t0 = time.perf_counter()
+    job = countdown.spawn(n=5, delay=0.1)  # countdown.stream(n=5) is the one-line form
+    console.print("countdown.stream(n=5): ", end="")
+    values = []
+    for value in job.stream():
+        values.append(value)
+        console.print(f"{value} [dim](+{(time.perf_counter() - t0) * 1000:.0f} ms)[/dim] ", end="")
+    console.print()
+    calls.add("countdown(5) stream", job.info()["timings"], time.perf_counter() - t0)
+
+    console.rule("[bold]5. slow_square.map(range(8)): fan out over several workers")
+    t0 = time.perf_counter()
+    results = list(slow_square.map(range(8)))  # each call sleeps 0.2 s
+    wall = time.perf_counter() - t0
+    console.print(f"list(slow_square.map(range(8))) = {results}")
+    calls.add("slow_square.map(8 calls)", None, wall)
+    # Each line a worker prints is logged with its job id and worker id.
+    lines = wait_until(
+        lambda: len(logs := slow_square.client.logs("hello", "slow_square")) >= 8 and logs,
+        10,
+        "the workers' log lines",
+    )
+    served = sorted({line["worker"] for line in lines})
+    console.print(
+        f"8 calls of 0.2 s each took {wall:.2f} s (1.6 s one after another): "
+        f"{len(served)} workers served them ({', '.join(served)}; max_workers=4)"
+    )
+    console.print("$ ember logs hello/slow_square --tail 3   (worker output, with job ids)")
+    console.print(server.cli("logs", "hello/slow_square", "--tail", "3").rstrip(), markup=False)
+
+    console.rule("[bold]6. Counter().add: a class; @ember.enter runs once per worker")
+    out, body, rtt = runsync(add, n=5)
+    console.print(f"Counter().add.remote(5) = {out}   (enter hook set start=100 on a new worker)")
+    calls.add("Counter.add(5) cold", body["timings"], rtt)
+    out, body, rtt = runsync(add, n=5)
+    console.print(f"Counter().add.remote(5) = {out}   (same worker, same instance)")
+    calls.add("Counter.add(5) warm", body["timings"], rtt)
+
+    console.rule("[bold]7. timings")
+    console.print(calls.table())
+    console.print(
+        "[dim]total = queue + cold + load + exec + post. queue: waiting for a worker slot; "
+        "cold: starting a worker process; load: @ember.enter hooks; exec: your code; post: "
+        "result delivery. client: the round trip as the caller saw it, HTTP included. Warm "
+        "calls show 0 cold start and 0 load. (- : .remote() and .map() return outputs only.)[/dim]"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the data dir and server log")
+    args = parser.parse_args()
+    # SIGTERM (like Ctrl-C) unwinds through the `finally` below, which stops the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="ember-demo-"))
+    server = DemoServer(root)
+    console.rule("[bold]ember demo")
+    console.print(f"starting `ember server --port {server.port} --data-dir {server.data_dir}`")
+    console.print(f"[dim]server log: {server.log_path}[/dim]")
+    ok = interrupted = False
+    try:
+        server.start()
+        console.print(f"server up at {server.url} ({time.perf_counter() - started:.1f} s)")
+        tour(server)
+        ok = True
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True
+    finally:
+        # Cleanup must finish: a second Ctrl-C must not leave the server running. (It is
+        # bounded: SIGTERM, at most 30 s, then SIGKILL.)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        console.rule("[bold]8. stop the server")
+        with contextlib.suppress(Exception):
+            server.workers()  # remember their pids, to check that they are gone after the stop
+        with_workers = len(server.worker_pids | server.workers_in_proc())
+        try:
+            server.stop()
+            workers = f"{with_workers} worker{'' if with_workers == 1 else 's'}"
+            console.print(f"server stopped by SIGTERM; it had {workers}, none is left running")
+        except Exception as exc:
+            ok = False
+            console.print(f"[red]{exc}[/red]")
+        if interrupted:
+            console.print("[yellow]interrupted[/yellow]")
+            shutil.rmtree(root, ignore_errors=True)
+        elif not ok:
+            tail = server.log_path.read_text(errors="replace")[-3000:]
+            console.print(f"[red]demo failed; server log ({server.log_path}):[/red]\n{tail}")
+        elif args.keep:
+            console.print(f"data dir kept: {server.data_dir}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    if ok:
+        console.print(
+            f"[bold green]demo done in {time.perf_counter() - started:.1f} s[/bold green]"
+        )
+    return 130 if interrupted else 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

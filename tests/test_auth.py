@@ -103,3 +103,7 @@ def test_deleting_the_token_file_rotates_the_token(server: Server) -> None:
     assert server.http("GET", "/v1/apps", token=new).status_code == 200
     assert server.http("GET", "/v1/apps", token=old).status_code == 401
     assert len(db_tokens(server.data_dir)) == 1
+
+
+def test_the_data_dir_is_private(server: Server) -> None:
+    assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700

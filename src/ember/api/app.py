@@ -21,7 +21,9 @@ log = logging.getLogger("ember.server")
 
 
 def create_app(settings: Settings, *, max_payload: int, db_url: str | None = None) -> FastAPI:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Inputs, outputs and deployed code live here: readable by the server's user alone.
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)
     engine = make_engine(db_url or sqlite_url(settings.data_dir))
     migrate(engine)
     hashes = ensure_token(engine, settings.data_dir)

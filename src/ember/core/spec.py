@@ -65,6 +65,8 @@ class FunctionSpec:
 
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     gpu: tuple[GpuRequest, ...] = ()
+    gpu_memory_mib: int | None = None
+    """Pack onto one GPU reserving this much of its memory, instead of taking whole GPUs."""
     cpu: float | None = None
     memory_mib: int | None = None
     timeout: float = 300.0
@@ -87,6 +89,7 @@ class FunctionSpec:
             raise SpecError("'scaling' must be an object")
         return make_spec(
             gpu=d.get("gpu") or None,
+            gpu_memory=d.get("gpu_memory_mib"),
             cpu=d.get("cpu"),
             memory=d.get("memory_mib"),
             timeout=d.get("timeout", 300.0),
@@ -136,21 +139,21 @@ def parse_gpu(value: Any) -> tuple[GpuRequest, ...]:
     return tuple(out)
 
 
-def parse_memory_mib(value: Any) -> int | None:
+def parse_memory_mib(value: Any, *, what: str = "memory") -> int | None:
     """An int is MiB; a string may carry a unit: '512MiB', '8GiB', '2G'."""
     if value is None:
         return None
     if isinstance(value, bool):
-        raise SpecError(f"memory must be MiB as an integer or a string like '8GiB', got {value!r}")
+        raise SpecError(f"{what} must be MiB as an integer or a string like '8GiB', got {value!r}")
     if isinstance(value, int | float):
         mib = float(value) if abs(value) < 2**53 else math.inf
     elif isinstance(value, str) and (m := _MEMORY_RE.match(value)):
         unit = (m["unit"] or "").upper()
         mib = float(m["num"]) * _UNIT_MIB[unit]
     else:
-        raise SpecError(f"memory must be MiB as an integer or a string like '8GiB', got {value!r}")
+        raise SpecError(f"{what} must be MiB as an integer or a string like '8GiB', got {value!r}")
     if not 0 < mib < 2**53:
-        raise SpecError(f"memory must be positive and finite, got {value!r}")
+        raise SpecError(f"{what} must be positive and finite, got {value!r}")
     return max(1, round(mib))
 
 
@@ -172,6 +175,7 @@ def parse_tags(value: Any, *, what: str = "tags") -> dict[str, str]:
 def make_spec(
     *,
     gpu: Any = None,
+    gpu_memory: Any = None,
     cpu: Any = None,
     memory: Any = None,
     min_workers: Any = 0,
@@ -195,6 +199,10 @@ def make_spec(
         raise SpecError(f"cpu must be a positive number of cores, got {cpu!r}")
     if env is not None and (not isinstance(env, str) or not env):
         raise SpecError(f"env must be the name of an environment, got {env!r}")
+    gpus = parse_gpu(gpu)
+    gpu_memory_mib = parse_memory_mib(gpu_memory, what="gpu_memory")
+    if gpu_memory_mib is not None and (not gpus or any(g.count != 1 for g in gpus)):
+        raise SpecError("gpu_memory packs a worker onto one GPU: give gpu='TYPE' (count 1) with it")
     return FunctionSpec(
         scaling=ScalingSpec(
             min_workers=mn,
@@ -203,7 +211,8 @@ def make_spec(
             idle_timeout=_seconds("idle_timeout", idle_timeout, positive=False),
             concurrency=_int("concurrency", concurrency, minimum=1),
         ),
-        gpu=parse_gpu(gpu),
+        gpu=gpus,
+        gpu_memory_mib=gpu_memory_mib,
         cpu=None if cpu is None else float(cpu),
         memory_mib=parse_memory_mib(memory),
         timeout=_seconds("timeout", timeout, positive=True),

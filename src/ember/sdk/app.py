@@ -65,6 +65,7 @@ class App:
         /,
         *,
         gpu: str | list[str] | None = None,
+        gpu_memory: int | str | None = None,
         cpu: float | None = None,
         memory: int | str | None = None,
         min_workers: int = 0,
@@ -80,6 +81,7 @@ class App:
         """Deploy a function; usable bare (`@app.function`) or with options."""
         options = dict(
             gpu=gpu,
+            gpu_memory=gpu_memory,
             cpu=cpu,
             memory=memory,
             min_workers=min_workers,
@@ -110,6 +112,7 @@ class App:
         self,
         *,
         gpu: str | list[str] | None = None,
+        gpu_memory: int | str | None = None,
         cpu: float | None = None,
         memory: int | str | None = None,
         min_workers: int = 0,
@@ -125,6 +128,7 @@ class App:
         """Deploy a class: `@ember.enter` hooks run once per worker, `@ember.method`s are callable."""
         options = dict(
             gpu=gpu,
+            gpu_memory=gpu_memory,
             cpu=cpu,
             memory=memory,
             min_workers=min_workers,

@@ -10,6 +10,49 @@ import uvicorn
 from ember.api.app import create_app
 from ember.config import TOKEN_FILE
 from ember.control.plane import Settings
+from ember.core.placement import GIB, Gpu, parse_declared
+from ember.core.pricing import PriceError, PriceTable, parse_prices
+
+
+class ServerConfigError(ValueError):
+    """A server flag that cannot work; the message says how to fix it."""
+
+
+def inventory(declared: str | None) -> tuple[Gpu, ...]:
+    """`--gpus` declares simulated GPUs; otherwise NVML tells what this machine has."""
+    if declared:
+        try:
+            return parse_declared(declared)
+        except ValueError as exc:
+            raise ServerConfigError(str(exc)) from None
+    from ember.backends.gpus import discover
+
+    return discover()
+
+
+def prices(path: Path | None) -> PriceTable:
+    if path is None:
+        return PriceTable()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ServerConfigError(f"cannot read the price file {path}: {exc.strerror}") from None
+    try:
+        return parse_prices(text, source=str(path))
+    except PriceError as exc:
+        raise ServerConfigError(str(exc)) from None
+
+
+def describe(gpus: tuple[Gpu, ...], table: PriceTable) -> list[str]:
+    if not gpus:
+        return ["GPUs: none (CPU functions only; declare simulated ones with --gpus 'L4:2,H100:1')"]
+    lines = ["GPUs:"]
+    for g in gpus:
+        label = " (simulated)" if g.simulated else ""
+        price = table.gpu.get(g.type)
+        cost = f"${price:.6f}/s" if price is not None else "no price: add it to a --prices file"
+        lines.append(f"  {g.index}: {g.type} {g.memory_mib / GIB:g} GiB{label}, {cost}")
+    return lines
 
 
 def serve(
@@ -20,11 +63,14 @@ def serve(
     max_payload: int,
     log_level: str = "info",
     db_url: str | None = None,
+    gpus: str | None = None,
+    price_file: Path | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(Settings(data_dir=data_dir), max_payload=max_payload, db_url=db_url)
+    settings = Settings(data_dir=data_dir, inventory=inventory(gpus), prices=prices(price_file))
+    app = create_app(settings, max_payload=max_payload, db_url=db_url)
     config = uvicorn.Config(
         app,
         host=host,
@@ -37,6 +83,12 @@ def serve(
     server = uvicorn.Server(config)
     print(
         f"ember server on http://{host}:{port}  (data dir {data_dir}, token in {data_dir / TOKEN_FILE})",
+        flush=True,
+    )
+    for line in describe(settings.inventory, settings.prices):
+        print(line, flush=True)
+    print(
+        f"billing: per {'second, rounded up per worker' if settings.prices.billing == 'second' else 'millisecond'}",
         flush=True,
     )
     server.run()

@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember.api import schemas
 from ember.api.errors import ApiException
-from ember.control.plane import ControlPlane, DeployError, NotFoundError
+from ember.control.plane import ControlPlane, DeployError, NotFoundError, UnplaceableError
 from ember.control.records import InputError, Job
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
@@ -75,6 +76,8 @@ def _submit(request: Request, app: str, fn: str, input: Any) -> tuple[Job, async
         raise _not_found(exc) from None
     except InputError as exc:
         raise ApiException(422, "invalid_input", str(exc)) from None
+    except UnplaceableError as exc:
+        raise ApiException(422, "no_fitting_gpu", str(exc)) from None
     except RecursionError:
         raise ApiException(422, "invalid_input", "input is nested too deeply") from None
 
@@ -252,6 +255,52 @@ async def logs(
 @router.get("/workers")
 async def workers(request: Request) -> Response:
     return JSONResponse({"workers": [w.describe() for w in plane(request).workers.values()]})
+
+
+@router.get("/nodes")
+async def nodes(request: Request) -> Response:
+    """GPUs of each node (simulated ones are labelled), and the workers on each."""
+    return JSONResponse({"nodes": plane(request).nodes()})
+
+
+def _time(value: str | None, name: str) -> float | None:
+    """Epoch seconds, or an ISO 8601 date/time (UTC unless it says otherwise)."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ApiException(
+            422, "invalid_request", f"{name}={value!r} is neither epoch seconds nor ISO 8601"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+@router.get("/usage")
+async def usage(
+    request: Request,
+    group_by: str = Query(
+        "app", description="comma-separated: app, function, gpu, phase, tag:NAME"
+    ),
+    since: str | None = Query(None, description="epoch seconds or ISO 8601"),
+    until: str | None = Query(None, description="epoch seconds or ISO 8601"),
+    granularity: str | None = Query(None, description="hour or day: one group per bucket"),
+) -> Response:
+    """Metered usage and cost per group; `idle_fraction` is the share of GPU money spent waiting."""
+    groups = [g.strip() for g in group_by.split(",") if g.strip()]
+    try:
+        result = await plane(request).usage(
+            groups, _time(since, "since"), _time(until, "until"), granularity or None
+        )
+    except ValueError as exc:
+        raise ApiException(422, "invalid_request", str(exc)) from None
+    return JSONResponse({"groups": result})
 
 
 public = APIRouter(prefix="/v1")

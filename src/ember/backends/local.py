@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.core.placement import Gpu
+
 
 @dataclass
 class Launch:
@@ -25,6 +27,23 @@ class Launch:
     app: str
     unit: str
     concurrency: int
+    gpus: tuple[Gpu, ...] = ()
+    gpu_memory_mib: int | None = None
+
+
+def gpu_env(gpus: tuple[Gpu, ...], gpu_memory_mib: int | None) -> dict[str, str]:
+    """A worker sees only its own GPUs. Simulated GPUs exist for no driver, so a worker on one
+    sees no CUDA device at all and learns its assignment from EMBER_GPU_* alone."""
+    real = [g for g in gpus if not g.simulated]
+    env = {
+        "CUDA_VISIBLE_DEVICES": ",".join(g.uuid or str(g.index) for g in real),
+        "EMBER_GPU_INDEXES": ",".join(str(g.index) for g in gpus),
+        "EMBER_GPU_TYPE": gpus[0].type if gpus else "",
+        "EMBER_GPU_SIMULATED": "1" if gpus and not real else "0",
+    }
+    if gpu_memory_mib is not None:
+        env["EMBER_GPU_MEMORY_MIB"] = str(gpu_memory_mib)
+    return env
 
 
 class LocalProcess:
@@ -58,6 +77,7 @@ class LocalBackend:
             EMBER_UNIT=launch.unit,
             EMBER_CONCURRENCY=str(launch.concurrency),
             PYTHONUNBUFFERED="1",
+            **gpu_env(launch.gpus, launch.gpu_memory_mib),
         )
         with open(self.log_dir / f"{launch.worker_id}.log", "ab") as out:
             proc = await asyncio.create_subprocess_exec(

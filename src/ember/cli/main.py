@@ -67,21 +67,39 @@ def server(
     max_payload: Annotated[
         int, typer.Option(help="largest request body in bytes (413 above)")
     ] = int(os.environ.get("EMBER_MAX_PAYLOAD", config.DEFAULT_MAX_PAYLOAD)),
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="declare simulated GPUs instead of discovering real ones, e.g. 'L4:2,H100:1' or "
+            "'X1:1:24GiB'; they are labelled simulated everywhere"
+        ),
+    ] = os.environ.get("EMBER_GPUS") or None,
+    prices: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML file overriding the price table and billing mode (docs/metering.md)"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run ember on this machine: the API, SQLite in the data dir, and local worker processes.
 
     Stop it with Ctrl-C or SIGTERM: every worker it started is stopped too.
     """
-    from ember.server import serve
+    from ember.server import ServerConfigError, serve
 
-    serve(
-        host=host,
-        port=port,
-        data_dir=config.data_dir(data_dir),
-        max_payload=max_payload,
-        log_level=log_level,
-    )
+    try:
+        serve(
+            host=host,
+            port=port,
+            data_dir=config.data_dir(data_dir),
+            max_payload=max_payload,
+            log_level=log_level,
+            gpus=gpus,
+            price_file=prices,
+        )
+    except ServerConfigError as exc:
+        _fail(exc)
 
 
 @app.command()
@@ -235,6 +253,115 @@ def logs(
         _fail(exc)
     except KeyboardInterrupt:
         return
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _since(value: str | None) -> str | None:
+    """'7d', '12h', '30m' ago -> epoch seconds; anything else goes to the server as given."""
+    if not value:
+        return None
+    if value[:-1].replace(".", "", 1).isdigit() and value[-1] in _UNITS:
+        return str(time.time() - float(value[:-1]) * _UNITS[value[-1]])
+    return value
+
+
+@app.command()
+def usage(
+    by: Annotated[
+        str, typer.Option("--by", help="group by: app, function, gpu, phase, or a tag name (team)")
+    ] = "app",
+    since: Annotated[
+        str | None, typer.Option(help="'7d', '12h', '30m' ago, epoch seconds or ISO 8601")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="same forms as --since")] = None,
+    granularity: Annotated[str | None, typer.Option(help="hour or day: one row per bucket")] = None,
+    csv_: Annotated[bool, typer.Option("--csv", help="print CSV instead of a table")] = False,
+) -> None:
+    """What was spent, grouped: GPU and CPU seconds, cost, cold starts, and the idle fraction
+    (the share of GPU money spent on workers that waited for work)."""
+    groups = [
+        g if g in ("app", "function", "gpu", "phase") or g.startswith("tag:") else f"tag:{g}"
+        for g in (x.strip() for x in by.split(","))
+        if g
+    ]
+    params = {
+        "group_by": ",".join(groups),
+        "since": _since(since),
+        "until": _since(until),
+        "granularity": granularity,
+    }
+    try:
+        rows = (
+            _client()
+            .request("GET", "/usage", params={k: v for k, v in params.items() if v})
+            .json()["groups"]
+        )
+    except EmberError as exc:
+        _fail(exc)
+    names = [g[4:] if g.startswith("tag:") else g for g in groups]
+    columns = [
+        "gpu_seconds",
+        "cpu_seconds",
+        "cost_usd",
+        "cold_starts",
+        "busy_seconds",
+        "idle_seconds",
+        "idle_fraction",
+    ]
+    header = (["start"] if granularity else []) + names + columns
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        start = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["start"]))] if granularity else []
+        keys = [str(row["key"].get(g, "")) or "-" for g in groups]
+        return (
+            start
+            + keys
+            + [
+                f"{row['gpu_seconds']:.3f}",
+                f"{row['cpu_seconds']:.3f}",
+                f"{row['cost_usd']:.6f}",
+                str(row["cold_starts"]),
+                f"{row['busy_seconds']:.3f}",
+                f"{row['idle_seconds']:.3f}",
+                f"{row['idle_fraction']:.1%}",
+            ]
+        )
+
+    if csv_:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(header)
+        writer.writerows(cells(r) for r in rows)
+        return
+    if not rows:
+        out.print("no usage in that period")
+        return
+    table = Table(*header)
+    for r in rows:
+        table.add_row(*cells(r))
+    out.print(table)
+
+
+@app.command()
+def nodes() -> None:
+    """The GPUs the server can hand out (simulated ones are labelled) and what runs on each."""
+    try:
+        items = _client().request("GET", "/nodes").json()["nodes"]
+    except EmberError as exc:
+        _fail(exc)
+    for node in items:
+        out.print(f"[bold]{node['name']}[/bold] ({node['backend']} backend)")
+        if not node["gpus"]:
+            out.print("  no GPUs")
+        for g in node["gpus"]:
+            label = " [yellow](simulated)[/yellow]" if g["simulated"] else ""
+            held = (
+                ", ".join(f"{w['app']}/{w['unit']} {w['worker']}" for w in g["workers"]) or "free"
+            )
+            out.print(f"  {g['index']}: {g['type']} {g['memory_mib'] / 1024:g} GiB{label}: {held}")
 
 
 def main() -> None:

@@ -11,10 +11,10 @@ import json
 import logging
 import re
 import secrets
+import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,18 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from ember.backends.local import Launch, LocalBackend
 from ember.control.logs import LogStore
+from ember.control.meter import Meter
 from ember.control.records import AppState, FunctionMeta, Job, Pool, Worker
 from ember.core import autoscaler
 from ember.core.autoscaler import PoolView, WorkerState
 from ember.core.jobs import JobStatus, should_retry, startup_backoff
+from ember.core.metering import Phase, UsageRecord, group_key, job_cost, summarize
+from ember.core.placement import Allocation, Gpu, Never, Placed, Wait, place
+from ember.core.pricing import DEFAULT_CPU, DEFAULT_MEMORY_GIB, PriceTable, Resources
 from ember.core.spec import FunctionSpec, SpecError, parse_tags
 from ember.core.timings import job_timings
 from ember.store import tables
-from ember.store.writer import Writer
+from ember.store.writer import Writer, execute
 from ember.worker import protocol
 
 log = logging.getLogger("ember.control")
@@ -57,11 +61,19 @@ class DeployError(ValueError):
     """A deploy manifest that cannot be served (HTTP 422)."""
 
 
+class UnplaceableError(ValueError):
+    """No GPU in the inventory could ever run this function (HTTP 422)."""
+
+
 @dataclass
 class Settings:
     data_dir: Path
     cancel_grace_s: float = 2.0
     drain_grace_s: float = 10.0
+    inventory: tuple[Gpu, ...] = ()
+    prices: PriceTable = field(default_factory=PriceTable)
+    checkpoint_s: float = 1.0
+    """How often open usage segments are written: the most metering a kill -9 can lose."""
 
 
 class ControlPlane:
@@ -83,6 +95,7 @@ class ControlPlane:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.writer = Writer(self.engine, self.loop)
+        self.meter = Meter(self.writer, self.settings.prices)
         self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.control_addr = f"{host}:{port}"
@@ -120,16 +133,40 @@ class ControlPlane:
         return task
 
     async def _tick_forever(self) -> None:
+        last_checkpoint = time.monotonic()
         while True:
             await asyncio.sleep(TICK_S)
             for app in list(self.apps.values()):
                 for pool in app.pools.values():
                     self._scale(pool)
             self.logs.flush()
+            if time.monotonic() - last_checkpoint >= self.settings.checkpoint_s:
+                last_checkpoint = time.monotonic()
+                self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Write every live worker's open usage segment up to now."""
+        now = time.time()
+        for w in self.workers.values():
+            self.meter.checkpoint(w, now)
+
+    async def flush(self) -> None:
+        """Meter up to now and wait until everything queued is in the store."""
+        self.checkpoint()
+        await self.writer.submit(lambda conn: None)
 
     def _load(self) -> list[Any]:
-        """Read deployed apps and job counts; return the jobs accepted but never finished."""
-        with self.engine.connect() as conn:
+        """Read deployed apps and job counts; return the jobs accepted but never finished.
+
+        Workers of the previous run that never recorded their end (the server was killed) end
+        where their metering does: at their last checkpoint.
+        """
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(tables.workers)
+                .where(tables.workers.c.ended_at.is_(None))
+                .values(ended_at=tables.workers.c.metered_until, stop_reason="server stopped")
+            )
             for row in conn.execute(select(tables.apps)).mappings():
                 ver = (
                     conn.execute(
@@ -377,6 +414,11 @@ class ControlPlane:
         state, meta = self.lookup(app, fn)
         assert meta is not None
         meta.validate(input)
+        spec = meta.spec
+        if spec.gpu:
+            fit = place(spec.gpu, spec.gpu_memory_mib, self.settings.inventory, ())
+            if isinstance(fit, Never):
+                raise UnplaceableError(fit.reason)
         job = Job(
             id="job-" + secrets.token_hex(12),
             app=app,
@@ -396,7 +438,7 @@ class ControlPlane:
             "attempts": 0,
             "created_at": job.created_at,
         }
-        durable = self.writer.submit(_execute(insert(tables.jobs), row))
+        durable = self.writer.submit(execute(insert(tables.jobs), row))
         self.jobs[job.id] = job
         pool = state.pools[meta.unit]
         pool.queue.append(job)
@@ -430,6 +472,8 @@ class ControlPlane:
             "output": json.loads(row["output"]) if row["output"] is not None else None,
             "error": json.loads(row["error"]) if row["error"] else None,
             "timings": json.loads(row["timings"]) if row["timings"] else None,
+            "cost": json.loads(row["cost"]) if row["cost"] else None,
+            "reason": None,
             "attempts": row["attempts"],
             "created_at": row["created_at"],
             "finished_at": row["finished_at"],
@@ -487,6 +531,8 @@ class ControlPlane:
             exec_s=None if job.exec_ms is None else job.exec_ms / 1000.0,
             worker=job.worker_start,
         ).to_dict()
+        job.cost = self._job_cost(job)
+        job.reason = None
         self.counts.setdefault((job.app, job.function), Counter())[status.value] += 1
         job.done.set()
         job.notify()
@@ -495,12 +541,26 @@ class ControlPlane:
             "output": None if job.output is None else json.dumps(job.output),
             "error": None if error is None else json.dumps(error),
             "timings": json.dumps(job.timings),
+            "cost": json.dumps(job.cost),
             "attempts": job.attempts,
             "version": job.worker.pool.version if job.worker else None,
             "finished_at": job.finished_at,
         }
         stmt = update(tables.jobs).where(tables.jobs.c.id == job.id).values(**row)
-        self.writer.submit(_execute(stmt)).add_done_callback(lambda _f: self._forget(job))
+        self.writer.submit(execute(stmt)).add_done_callback(lambda _f: self._forget(job))
+
+    def _job_cost(self, job: Job) -> dict[str, float]:
+        w, t = job.worker, job.timings
+        if w is None or t is None:
+            return {"usd": 0.0, "gpu_seconds": 0.0, "cpu_seconds": 0.0}
+        return job_cost(
+            exec_ms=t["exec_ms"] + t["post_ms"],
+            cold_start_ms=t["cold_start_ms"] + t["load_ms"],
+            idle_before_ms=job.idle_before_ms,
+            concurrency=w.pool.spec.scaling.concurrency,
+            resources=w.resources,
+            prices=self.settings.prices,
+        ).to_dict()
 
     def _forget(self, job: Job) -> None:
         """Once the final state is stored, keep the job only in the bounded recent cache."""
@@ -536,8 +596,12 @@ class ControlPlane:
         job.worker = w
         job.worker_start = w.start
         w.running[job.id] = job
+        if w.state is WorkerState.IDLE and w.idle_since is not None and w.last_job_done:
+            job.idle_before_ms = (now - w.idle_since) * 1000.0
         w.state = WorkerState.BUSY
         w.idle_since = None
+        job.reason = None
+        self.meter.switch(w, Phase.BUSY, time.time())
         w.last_used = now
         assert w.writer is not None
         w.writer.write(
@@ -569,6 +633,8 @@ class ControlPlane:
         if not w.running and w.state is WorkerState.BUSY:
             w.state = WorkerState.IDLE
             w.idle_since = time.monotonic()
+            w.last_job_done = True
+            self.meter.switch(w, Phase.IDLE, time.time())
         if w.state is WorkerState.DRAINING:
             return
         self._pump(w.pool)
@@ -587,25 +653,61 @@ class ControlPlane:
         running = sum(w.active_jobs for w in pool.workers.values())
         view = PoolView(len(pool.queue), running, tuple(w.view() for w in pool.workers.values()))
         decision = autoscaler.decide(view, pool.spec.scaling, now)
+        pool.wait_reason = None
         for _ in range(decision.start):
             if now < pool.next_start:
                 break
-            self._start_worker(pool)
+            fit = place(
+                pool.spec.gpu,
+                pool.spec.gpu_memory_mib,
+                self.settings.inventory,
+                self._allocations(),
+            )
+            if isinstance(fit, Wait):
+                pool.wait_reason = fit.reason
+                break
+            if isinstance(fit, Never):  # the inventory cannot change under a running server
+                error = _error("NoFittingGpu", fit.reason)
+                while pool.queue:
+                    self._finish(pool.queue.popleft(), JobStatus.FAILED, error=error)
+                break
+            self._start_worker(pool, fit)
+        for job in pool.queue:
+            job.reason = pool.wait_reason
         for wid in decision.stop:
             self._drain(pool.workers[wid], reason="idle")
 
-    def _start_worker(self, pool: Pool) -> None:
+    def _allocations(self) -> list[Allocation]:
+        return [Allocation(w.id, w.gpus, w.gpu_memory_mib) for w in self.workers.values() if w.gpus]
+
+    def _start_worker(self, pool: Pool, fit: Placed) -> None:
+        spec = pool.spec
+        gpu_count = float(len(fit.gpus))
+        if fit.memory_mib is not None and fit.gpus:
+            gpu_count = fit.memory_mib / self.settings.inventory[fit.gpus[0]].memory_mib
         w = Worker(
             id="w-" + secrets.token_hex(5),
             pool=pool,
             secret=secrets.token_hex(16),
             spawned=time.monotonic(),
+            gpus=fit.gpus,
+            gpu_memory_mib=fit.memory_mib,
+            resources=Resources(
+                gpu_type=fit.type,
+                gpu_count=gpu_count,
+                cpu=spec.cpu or DEFAULT_CPU,
+                memory_gib=spec.memory_mib / 1024 if spec.memory_mib else DEFAULT_MEMORY_GIB,
+            ),
         )
         pool.workers[w.id] = w
         self.workers[w.id] = w
+        state = self.apps.get(pool.app)
+        tags = {**(state.tags if state else {}), **spec.tags}
+        self.meter.begin(w, time.time(), tags)
         self._spawn(self._run_worker(w))
 
     async def _run_worker(self, w: Worker) -> None:
+        gpus = [self.settings.inventory[i] for i in w.gpus]
         launch = Launch(
             w.id,
             w.secret,
@@ -614,6 +716,8 @@ class ControlPlane:
             w.pool.app,
             w.pool.unit,
             w.pool.spec.scaling.concurrency,
+            tuple(gpus),
+            w.gpu_memory_mib,
         )
         try:
             w.process = await self.backend.start(launch)
@@ -669,6 +773,7 @@ class ControlPlane:
         if w.kill_timer is not None:
             w.kill_timer.cancel()
         w.state = WorkerState.STOPPED
+        self.meter.end(w, time.time(), code, w.stop_reason)
         started = w.ready is not None
         if not started and w.stop_reason is None:
             self._on_startup_failure(pool, w, code)
@@ -700,11 +805,16 @@ class ControlPlane:
         if not self._stopping:
             self._pump(pool)
             self._scale(pool)
+            if w.gpus:  # its GPUs are free: pools waiting for one may start a worker now
+                for app in list(self.apps.values()):
+                    for other in app.pools.values():
+                        if other.wait_reason is not None and other is not pool:
+                            self._scale(other)
 
     def _store_attempts(self, job: Job) -> None:
         """A retry is remembered, so a server restart cannot grant a crashing job more tries."""
         stmt = update(tables.jobs).where(tables.jobs.c.id == job.id).values(attempts=job.attempts)
-        self.writer.submit(_execute(stmt))
+        self.writer.submit(execute(stmt))
 
     def _requeue(self, job: Job) -> None:
         if job.timer is not None:
@@ -805,6 +915,7 @@ class ControlPlane:
                 w.state = WorkerState.IDLE
                 w.idle_since = w.ready
                 w.last_used = w.ready
+            self.meter.switch(w, Phase.IDLE, time.time())
             w.pool.startup_failures = 0
             self._pump(w.pool)
             self._scale(w.pool)
@@ -821,6 +932,58 @@ class ControlPlane:
         self._finish(job, JobStatus.FAILED, error=error)
 
     # ----------------------------------------------------------------- views
+    def nodes(self) -> list[dict[str, Any]]:
+        """The GPU inventory of this machine, with what each GPU is running."""
+        held: dict[int, list[dict[str, Any]]] = {}
+        for w in self.workers.values():
+            for i in w.gpus:
+                held.setdefault(i, []).append(
+                    {
+                        "worker": w.id,
+                        "app": w.pool.app,
+                        "unit": w.pool.unit,
+                        "state": w.state.value,
+                        "memory_mib": w.gpu_memory_mib,
+                        "jobs": list(w.running),
+                    }
+                )
+        gpus = [
+            {
+                "index": g.index,
+                "type": g.type,
+                "memory_mib": g.memory_mib,
+                "simulated": g.simulated,
+                "uuid": g.uuid,
+                "workers": held.get(g.index, []),
+            }
+            for g in self.settings.inventory
+        ]
+        return [{"name": socket.gethostname(), "backend": self.backend.name, "gpus": gpus}]
+
+    async def usage(
+        self,
+        group_by: list[str],
+        since: float | None,
+        until: float | None,
+        granularity: str | None,
+    ) -> list[dict[str, Any]]:
+        """Usage totals per group, metered up to this instant (raises ValueError for bad groups)."""
+        for g in group_by:
+            group_key(g)
+        await self.flush()
+
+        def read() -> list[UsageRecord]:
+            q = select(tables.usage)
+            if since is not None:
+                q = q.where(tables.usage.c.end > since)
+            if until is not None:
+                q = q.where(tables.usage.c.start < until)
+            with self.engine.connect() as conn:
+                return [_usage_record(r) for r in conn.execute(q).mappings()]
+
+        records = await asyncio.to_thread(read)
+        return summarize(records, group_by, granularity, self.settings.prices)
+
     def health(self, app: str, fn: str) -> dict[str, Any]:
         state, meta = self.lookup(app, fn)
         assert meta is not None
@@ -846,11 +1009,21 @@ class ControlPlane:
         }
 
 
-def _execute(stmt: Any, params: dict[str, Any] | None = None) -> Callable[[Connection], None]:
-    def op(conn: Connection) -> None:
-        conn.execute(stmt, params) if params is not None else conn.execute(stmt)
-
-    return op
+def _usage_record(row: Any) -> UsageRecord:
+    return UsageRecord(
+        worker=row["worker"],
+        app=row["app"],
+        unit=row["unit"],
+        version=row["version"],
+        phase=Phase(row["phase"]),
+        start=row["start"],
+        end=row["end"],
+        billed_ms=row["billed_ms"],
+        resources=Resources(row["gpu_type"], row["gpu_count"], row["cpu"], row["memory_gib"]),
+        usd=row["usd"],
+        tags=json.loads(row["tags"]),
+        starts=row["starts"],
+    )
 
 
 def _error(type_: str, message: str) -> dict[str, Any]:

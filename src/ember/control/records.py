@@ -13,6 +13,8 @@ from jsonschema import Draft202012Validator
 
 from ember.core.autoscaler import WorkerState, WorkerView
 from ember.core.jobs import JobStatus
+from ember.core.metering import Phase
+from ember.core.pricing import Resources
 from ember.core.spec import FunctionSpec
 from ember.core.timings import WorkerStart
 
@@ -92,6 +94,11 @@ class Job:
     worker: Worker | None = None
     worker_start: WorkerStart | None = None
     timings: dict[str, float] | None = None
+    cost: dict[str, float] | None = None
+    idle_before_ms: float = 0.0
+    """Idle time of its worker just before this job: part of the job's cost."""
+    reason: str | None = None
+    """Why a queued job is still waiting (no GPU free), for people reading its status."""
     timer: asyncio.TimerHandle | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -114,6 +121,8 @@ class Job:
             "output": self.output,
             "error": self.error,
             "timings": self.timings,
+            "cost": self.cost,
+            "reason": self.reason,
             "attempts": self.attempts,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
@@ -139,6 +148,17 @@ class Worker:
     """Set when the server itself stops the worker (timeout, cancel, drain, shutdown)."""
     fatal: dict[str, Any] | None = None
     kill_timer: asyncio.TimerHandle | None = None
+    gpus: tuple[int, ...] = ()
+    gpu_memory_mib: int | None = None
+    resources: Resources = field(default_factory=Resources)
+    # metering: the open usage segment (wall clock)
+    tags: dict[str, str] = field(default_factory=dict)
+    started_at: float = 0.0
+    seg_start: float = 0.0
+    seg_phase: Phase | None = None
+    metered_until: float = 0.0
+    first_record: bool = False
+    last_job_done: bool = False
 
     @property
     def start(self) -> WorkerStart | None:
@@ -161,6 +181,8 @@ class Worker:
             "version": self.pool.version,
             "state": self.state.value,
             "pid": self.pid,
+            "gpus": list(self.gpus),
+            "gpu_type": self.resources.gpu_type,
             "jobs": list(self.running),
             "age_s": round(time.monotonic() - self.spawned, 3),
         }
@@ -180,6 +202,7 @@ class Pool:
     workers: dict[str, Worker] = field(default_factory=dict)
     startup_failures: int = 0
     next_start: float = 0.0
+    wait_reason: str | None = None
 
 
 @dataclass(eq=False)

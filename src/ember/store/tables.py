@@ -64,6 +64,45 @@ jobs = Table(
     Column("version", Integer),
     Column("created_at", Float, nullable=False),
     Column("finished_at", Float),
+    Column("cost", Text),
 )
 Index("ix_jobs_status", jobs.c.status)
 Index("ix_jobs_app_function", jobs.c.app, jobs.c.function)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("app", String(64), nullable=False),
+    Column("unit", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("gpus", Text, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("metered_until", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("exit_code", Integer),
+    Column("stop_reason", Text),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("worker", String(40), nullable=False),
+    Column("app", String(64), nullable=False),
+    Column("unit", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("start", Float, nullable=False),
+    Column("end", Float, nullable=False),
+    Column("billed_ms", Float, nullable=False),
+    Column("gpu_type", String(32)),
+    Column("gpu_count", Float, nullable=False),
+    Column("cpu", Float, nullable=False),
+    Column("memory_gib", Float, nullable=False),
+    Column("usd", Float, nullable=False),
+    Column("tags", Text, nullable=False),
+    Column("starts", Integer, nullable=False),
+)
+Index("ix_usage_start", usage.c.start)
+Index("ix_usage_worker", usage.c.worker)

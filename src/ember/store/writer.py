@@ -68,6 +68,18 @@ class Writer:
             self.loop.call_soon_threadsafe(_settle, fut, error)
 
 
+def execute(stmt: Any, params: Any = None) -> Op:
+    """An Op running one statement (with optional parameters, a dict or a list of dicts)."""
+
+    def op(conn: Connection) -> None:
+        if params is None:
+            conn.execute(stmt)
+        else:
+            conn.execute(stmt, params)
+
+    return op
+
+
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
     if fut.done():
         return

@@ -2,8 +2,11 @@
 
 Each worker's life is one chain of records with shared boundaries (cold_start, then idle/busy),
 also cut at every checkpoint, so the records of a worker add up to its lifetime to the
-millisecond, and a server killed at any instant loses at most the time since the last checkpoint,
-which is also where the worker's recorded life ends after the restart.
+millisecond. Records are buffered in memory and written only at checkpoints, all in one
+transaction with each live worker's `metered_until`: the store always holds a consistent
+snapshot, and a server killed at any instant loses at most the time since the last checkpoint,
+which is also where each worker's recorded life ends after the restart. Off the request path,
+and a handful of writes per second however many jobs run.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import Connection, bindparam, insert, update
 
 from ember.control.records import Worker
 from ember.core.metering import Phase, UsageRecord, make_record
 from ember.core.pricing import PriceTable, rounding_ms
 from ember.store import tables
-from ember.store.writer import Writer, execute
+from ember.store.writer import Writer
 
 
 def _usage_row(r: UsageRecord) -> dict[str, Any]:
@@ -45,17 +48,16 @@ class Meter:
     def __init__(self, writer: Writer, prices: PriceTable) -> None:
         self.writer = writer
         self.prices = prices
-
-    def _write(self, stmt: Any, params: Any = None) -> None:
-        self.writer.submit(execute(stmt, params))
+        self._new_workers: list[dict[str, Any]] = []
+        self._records: list[dict[str, Any]] = []
+        self._ended: list[dict[str, Any]] = []
 
     def begin(self, w: Worker, now: float, tags: Mapping[str, str]) -> None:
         w.tags = dict(tags)
         w.started_at = w.seg_start = w.metered_until = now
         w.seg_phase = Phase.COLD_START
         w.first_record = True
-        self._write(
-            insert(tables.workers),
+        self._new_workers.append(
             {
                 "id": w.id,
                 "app": w.pool.app,
@@ -64,7 +66,7 @@ class Meter:
                 "gpus": json.dumps(list(w.gpus)),
                 "started_at": now,
                 "metered_until": now,
-            },
+            }
         )
 
     def switch(self, w: Worker, phase: Phase, now: float) -> None:
@@ -73,26 +75,56 @@ class Meter:
         self._cut(w, now)
         w.seg_phase = phase
 
-    def checkpoint(self, w: Worker, now: float) -> None:
-        if w.seg_phase is None or now <= w.seg_start:
-            return
-        self._cut(w, now)
-        w.metered_until = now
-        self._write(
-            update(tables.workers).where(tables.workers.c.id == w.id).values(metered_until=now)
-        )
-
     def end(self, w: Worker, now: float, exit_code: int | None, reason: str | None) -> None:
         if w.seg_phase is None:
             return
         extra = rounding_ms((now - w.started_at) * 1000.0, self.prices.billing)
         self._cut(w, now, extra_billed_ms=extra)
         w.seg_phase = None
-        self._write(
-            update(tables.workers)
-            .where(tables.workers.c.id == w.id)
-            .values(ended_at=now, metered_until=now, exit_code=exit_code, stop_reason=reason)
-        )
+        self._ended.append({"wid": w.id, "t_end": now, "code": exit_code, "why": reason})
+
+    def checkpoint(self, live: list[Worker], now: float) -> None:
+        """Cut every live worker's open record at `now` and write all buffered metering."""
+        progress = []
+        for w in live:
+            if w.seg_phase is None:
+                continue
+            if now > w.seg_start:
+                self._cut(w, now)
+            w.metered_until = now
+            progress.append({"wid": w.id, "t": now})
+        new, records, ended = self._new_workers, self._records, self._ended
+        self._new_workers, self._records, self._ended = [], [], []
+        if not (new or records or ended or progress):
+            return
+        wid = tables.workers.c.id
+
+        def write(conn: Connection) -> None:
+            if new:
+                conn.execute(insert(tables.workers), new)
+            if records:
+                conn.execute(insert(tables.usage), records)
+            if progress:
+                conn.execute(
+                    update(tables.workers)
+                    .where(wid == bindparam("wid"))
+                    .values(metered_until=bindparam("t")),
+                    progress,
+                )
+            if ended:
+                conn.execute(
+                    update(tables.workers)
+                    .where(wid == bindparam("wid"))
+                    .values(
+                        ended_at=bindparam("t_end"),
+                        metered_until=bindparam("t_end"),
+                        exit_code=bindparam("code"),
+                        stop_reason=bindparam("why"),
+                    ),
+                    ended,
+                )
+
+        self.writer.submit(write)
 
     def _cut(self, w: Worker, now: float, extra_billed_ms: float = 0.0) -> None:
         assert w.seg_phase is not None
@@ -113,4 +145,4 @@ class Meter:
         )
         w.first_record = False
         w.seg_start = end
-        self._write(insert(tables.usage), _usage_row(record))
+        self._records.append(_usage_row(record))

@@ -121,6 +121,7 @@ class ControlPlane:
         while self.workers and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         self._server.close()
+        self.checkpoint()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.to_thread(self.writer.close)
@@ -146,9 +147,7 @@ class ControlPlane:
 
     def checkpoint(self) -> None:
         """Write every live worker's open usage segment up to now."""
-        now = time.time()
-        for w in self.workers.values():
-            self.meter.checkpoint(w, now)
+        self.meter.checkpoint(list(self.workers.values()), time.time())
 
     async def flush(self) -> None:
         """Meter up to now and wait until everything queued is in the store."""

@@ -8,12 +8,15 @@ commit covers many jobs, so the store is never the bottleneck.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, Engine
+
+log = logging.getLogger("ember.store")
 
 Op = Callable[[Connection], None]
 _STOP = object()
@@ -64,6 +67,8 @@ class Writer:
             for item in items:
                 self._write([item])
             return
+        if error is not None:
+            log.error("a store write failed: %r", error)
         for _, fut in items:
             self.loop.call_soon_threadsafe(_settle, fut, error)
 

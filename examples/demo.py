@@ -109,7 +109,7 @@ class DemoServer:
         """Run `ember ARGS...` against this server and return what it printed."""
         done = subprocess.run(
             [sys.executable, "-m", "ember.cli.main", *args],
-            env={**self.env, "COLUMNS": "100"},
+            env={**self.env, "COLUMNS": str(console.width)},
             capture_output=True,
             text=True,
             check=False,
@@ -172,24 +172,27 @@ class Calls:
     """Each call's latency terms, as the server measured them, for the table at the end."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, dict[str, float] | None, float]] = []
+        self.rows: list[tuple[str, dict[str, Any] | None, float]] = []
 
-    def add(self, call: str, timings: dict[str, float] | None, rtt: float) -> None:
-        self.rows.append((call, timings, rtt))
+    def add(self, call: str, body: dict[str, Any] | None, rtt: float) -> None:
+        """`body` is the job body (timings and cost), or None where only outputs came back."""
+        self.rows.append((call, body, rtt))
 
     def table(self) -> Table:
         terms = ("queue_ms", "cold_start_ms", "load_ms", "exec_ms", "post_ms", "total_ms")
         table = Table(
-            title="each call's latency terms, in ms, as the server measured them",
+            title="each call's latency terms in ms, as the server measured them, and its cost",
             box=box.SIMPLE_HEAD,
             pad_edge=False,
         )
         table.add_column("call", no_wrap=True)
-        for head in ("queue", "cold", "load", "exec", "post", "total", "client"):
+        for head in ("queue", "cold", "load", "exec", "post", "total", "client", "cost µ$"):
             table.add_column(head, justify="right", no_wrap=True, min_width=len(head))
-        for call, timings, rtt in self.rows:
+        for call, body, rtt in self.rows:
+            timings = body["timings"] if body else None
             cells = [f"{timings[t]:.1f}" for t in terms] if timings else ["-"] * 6
-            table.add_row(call, *cells, f"{rtt * 1000:.1f}")
+            cost = f"{body['cost']['usd'] * 1e6:.2f}" if body and body.get("cost") else "-"
+            table.add_row(call, *cells, f"{rtt * 1000:.1f}", cost)
         return table
 
 
@@ -223,10 +226,10 @@ def tour(server: DemoServer) -> None:
     console.rule("[bold]2. square.remote(x): synchronous calls")
     out, body, rtt = runsync(square, x=3)
     console.print(f"square.remote(3) = {out}   cold: no worker existed, one was started")
-    calls.add("square(3) remote, cold", body["timings"], rtt)
+    calls.add("square(3) remote, cold", body, rtt)
     out, body, rtt = runsync(square, x=4)
     console.print(f"square.remote(4) = {out}   warm: the same worker served it")
-    calls.add("square(4) remote, warm", body["timings"], rtt)
+    calls.add("square(4) remote, warm", body, rtt)
     t0 = time.perf_counter()
     out = square.remote(5)
     console.print(f"square.remote(5) = {out}   (the plain SDK call; returns the output only)")
@@ -238,7 +241,7 @@ def tour(server: DemoServer) -> None:
     console.print(f"job = square.spawn(6)  ->  job id {job.id}  (status {job.status()})")
     out = job.result(timeout=30)
     console.print(f"job.result() = {out}")
-    calls.add("square(6) spawn", job.info()["timings"], time.perf_counter() - t0)
+    calls.add("square(6) spawn", job.info(), time.perf_counter() - t0)
 
     console.rule("[bold]4. countdown: a generator, streamed as it yields")
     t0 = time.perf_counter()
@@ -249,7 +252,7 @@ def tour(server: DemoServer) -> None:
         values.append(value)
         console.print(f"{value} [dim](+{(time.perf_counter() - t0) * 1000:.0f} ms)[/dim] ", end="")
     console.print()
-    calls.add("countdown(5) stream", job.info()["timings"], time.perf_counter() - t0)
+    calls.add("countdown(5) stream", job.info(), time.perf_counter() - t0)
 
     console.rule("[bold]5. slow_square.map(range(8)): fan out over several workers")
     t0 = time.perf_counter()
@@ -274,10 +277,10 @@ def tour(server: DemoServer) -> None:
     console.rule("[bold]6. Counter().add: a class; @ember.enter runs once per worker")
     out, body, rtt = runsync(add, n=5)
     console.print(f"Counter().add.remote(5) = {out}   (enter hook set start=100 on a new worker)")
-    calls.add("Counter.add(5) cold", body["timings"], rtt)
+    calls.add("Counter.add(5) cold", body, rtt)
     out, body, rtt = runsync(add, n=5)
     console.print(f"Counter().add.remote(5) = {out}   (same worker, same instance)")
-    calls.add("Counter.add(5) warm", body["timings"], rtt)
+    calls.add("Counter.add(5) warm", body, rtt)
 
     console.rule("[bold]7. timings")
     console.print(calls.table())
@@ -285,8 +288,14 @@ def tour(server: DemoServer) -> None:
         "[dim]total = queue + cold + load + exec + post. queue: waiting for a worker slot; "
         "cold: starting a worker process; load: @ember.enter hooks; exec: your code; post: "
         "result delivery. client: the round trip as the caller saw it, HTTP included. Warm "
-        "calls show 0 cold start and 0 load. (- : .remote() and .map() return outputs only.)[/dim]"
+        "calls show 0 cold start and 0 load. cost: millionths of a dollar, the job's execution "
+        "plus the cold start it waited for (CPU and memory prices; no GPU here). "
+        "(- : .remote() and .map() return outputs only.)[/dim]"
     )
+
+    console.rule("[bold]8. usage: every worker-second metered, by function")
+    console.print("$ ember usage --by function")
+    console.print(server.cli("usage", "--by", "function").rstrip(), markup=False)
 
 
 def main() -> int:
@@ -314,7 +323,7 @@ def main() -> int:
         # Cleanup must finish: a second Ctrl-C must not leave the server running. (It is
         # bounded: SIGTERM, at most 30 s, then SIGKILL.)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        console.rule("[bold]8. stop the server")
+        console.rule("[bold]9. stop the server")
         with contextlib.suppress(Exception):
             server.workers()  # remember their pids, to check that they are gone after the stop
         with_workers = len(server.worker_pids | server.workers_in_proc())

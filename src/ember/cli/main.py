@@ -310,7 +310,8 @@ def usage(
         "idle_seconds",
         "idle_fraction",
     ]
-    header = (["start"] if granularity else []) + names + columns
+    titles = ["GPU s", "CPU s", "USD", "cold starts", "busy s", "idle s", "idle %"]
+    header = (["start"] if granularity else []) + names + (columns if csv_ else titles)
 
     def cells(row: dict[str, Any]) -> list[str]:
         start = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["start"]))] if granularity else []
@@ -325,7 +326,7 @@ def usage(
                 str(row["cold_starts"]),
                 f"{row['busy_seconds']:.3f}",
                 f"{row['idle_seconds']:.3f}",
-                f"{row['idle_fraction']:.1%}",
+                f"{row['idle_fraction']:.1%}" if not csv_ else f"{row['idle_fraction']:.6f}",
             ]
         )
 

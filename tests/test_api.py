@@ -707,7 +707,7 @@ def test_a_good_manifest_deploys_and_a_redeploy_bumps_the_version(api: Server) -
     m = _manifest(name="manifest2", source="import ember\napp = ember.App('manifest2')\n")
     first = api.http("POST", "/v1/apps", json=m)
     assert first.status_code == 201, first.text
-    assert first.json() == {"app": "manifest2", "version": 1, "functions": ["f"]}
+    assert first.json() == {"app": "manifest2", "version": 1, "functions": ["f"], "warnings": []}
     second = api.http("POST", "/v1/apps", json=m)
     assert second.json()["version"] == 2
 

@@ -22,7 +22,12 @@ def count(n: int):
 
 def test_deploy_and_call(server: Server) -> None:
     deployed = server.deploy(SOURCE)
-    assert deployed == {"app": "smoke", "version": 1, "functions": ["square", "count"]}
+    assert deployed == {
+        "app": "smoke",
+        "version": 1,
+        "functions": ["square", "count"],
+        "warnings": [],
+    }
     square = server.function("smoke", "square")
     assert square.remote(4) == 16
     job = square.spawn(x=5)

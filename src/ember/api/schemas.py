@@ -75,6 +75,7 @@ class Deployed(BaseModel):
     app: str
     version: int
     functions: list[str]
+    warnings: list[str] = Field(default_factory=list, description="e.g. a GPU no node has")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ember import config
@@ -46,7 +47,8 @@ def _split(target: str) -> tuple[str, str]:
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[red]error:[/red] {exc}")
+    # escaped: messages quote user text and TOML ("[gpu] must be a table") that is not markup
+    err.print(f"[red]error:[/red] {escape(str(exc))}")
     raise typer.Exit(1)
 
 
@@ -120,6 +122,8 @@ def deploy(
         )
         for fn in r["functions"]:
             out.print(f"  ember call {r['app']}/{fn} --data '{{...}}'")
+        for warning in r.get("warnings", []):
+            err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 @app.command()

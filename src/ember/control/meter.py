@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from ember.control.records import Worker
 from ember.core.metering import Phase, UsageRecord, make_record
@@ -146,3 +146,29 @@ class Meter:
         w.first_record = False
         w.seg_start = end
         self._records.append(_usage_row(record))
+
+
+def round_up_orphans(conn: Connection, billing: str) -> None:
+    """Per-second billing for workers of a killed server, which never reached `Meter.end`.
+
+    Their life ends at their last checkpoint (`metered_until`); like any other worker's, their
+    billed total rounds up to whole seconds, on their last billed record at its own rate.
+    Call before those workers are marked ended.
+    """
+    if billing != "second":
+        return
+    w, u = tables.workers.c, tables.usage.c
+    orphans = conn.execute(select(w.id, w.started_at, w.metered_until).where(w.ended_at.is_(None)))
+    for wid, started_at, metered_until in orphans.all():
+        extra = rounding_ms((metered_until - started_at) * 1000.0, billing)
+        last = conn.execute(
+            select(u.id, u.billed_ms, u.usd)
+            .where(u.worker == wid, u.billed_ms > 0)
+            .order_by(u.id.desc())
+            .limit(1)
+        ).first()
+        if not extra or last is None:
+            continue
+        billed = round(last.billed_ms + extra, 3)
+        usd = last.usd * billed / last.billed_ms
+        conn.execute(update(tables.usage).where(u.id == last.id).values(billed_ms=billed, usd=usd))

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from ember.backends.local import Launch, LocalBackend
 from ember.control.logs import LogStore
-from ember.control.meter import Meter
+from ember.control.meter import Meter, round_up_orphans
 from ember.control.records import AppState, FunctionMeta, Job, Pool, Worker
 from ember.core import autoscaler
 from ember.core.autoscaler import PoolView, WorkerState
@@ -158,9 +158,10 @@ class ControlPlane:
         """Read deployed apps and job counts; return the jobs accepted but never finished.
 
         Workers of the previous run that never recorded their end (the server was killed) end
-        where their metering does: at their last checkpoint.
+        where their metering does: at their last checkpoint (rounded up under per-second billing).
         """
         with self.engine.begin() as conn:
+            round_up_orphans(conn, self.settings.prices.billing)
             conn.execute(
                 update(tables.workers)
                 .where(tables.workers.c.ended_at.is_(None))
@@ -368,7 +369,23 @@ class ControlPlane:
         for pool in app.pools.values():
             self._pump(pool)
             self._scale(pool)
-        return {"app": name, "version": version, "functions": [f["name"] for f in m["functions"]]}
+        return {
+            "app": name,
+            "version": version,
+            "functions": [f["name"] for f in m["functions"]],
+            "warnings": self._unplaceable(app),
+        }
+
+    def _unplaceable(self, app: AppState) -> list[str]:
+        """Units no GPU here could ever run: deployable (another server may have the GPU), but
+        every call would fail, so the deploy says so."""
+        warnings = []
+        for unit, pool in app.pools.items():
+            if pool.spec.gpu:
+                fit = place(pool.spec.gpu, pool.spec.gpu_memory_mib, self.settings.inventory, ())
+                if isinstance(fit, Never):
+                    warnings.append(f"{unit}: {fit.reason}; calls to it will be refused (422)")
+        return warnings
 
     def _retire(self, old: AppState, new: AppState) -> None:
         """A redeploy: queued jobs move to the new version, old workers drain."""

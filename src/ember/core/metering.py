@@ -64,7 +64,7 @@ def make_record(
     starts: int = 0,
     extra_billed_ms: float = 0.0,
 ) -> UsageRecord:
-    billed = max(0.0, (end - start) * 1000.0) + extra_billed_ms
+    billed = round(max(0.0, (end - start) * 1000.0) + extra_billed_ms, 3)
     return UsageRecord(
         worker,
         app,
@@ -73,7 +73,7 @@ def make_record(
         phase,
         start,
         end,
-        round(billed, 3),
+        billed,
         resources,
         rate(resources, prices) * billed / 1000.0,
         dict(tags),
@@ -139,7 +139,7 @@ def summarize(
     prices: PriceTable,
 ) -> list[dict[str, Any]]:
     """Totals per group (and per hour/day bucket of each record's start)."""
-    keys = [group_key(g) for g in group_by]
+    keys = [group_key(g) for g in ([group_by] if isinstance(group_by, str) else group_by)]
     if granularity is not None and granularity not in GRANULARITY_S:
         raise ValueError(f"granularity {granularity!r}: use hour or day")
     sums: dict[tuple[Any, ...], dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -161,7 +161,9 @@ def summarize(
         if r.phase is Phase.IDLE:
             s["idle_gpu_usd"] += gpu_usd
     out = []
-    for gkey, s in sorted(sums.items(), key=lambda kv: [str(k) for k in kv[0]]):
+    # Keys are (name, str) pairs then, last, ("bucket", int): they compare as they are, so
+    # buckets come out in time order (comparing them as strings put 10800 before 7200).
+    for gkey, s in sorted(sums.items(), key=lambda kv: kv[0]):
         group: dict[str, Any] = {"key": {k: v for k, v in gkey if k != "bucket"}}
         if granularity is not None:
             group["start"] = dict(gkey)["bucket"]

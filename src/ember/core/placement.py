@@ -32,8 +32,10 @@ DEFAULT_MEMORY_MIB = {
     "L4": 24 * GIB,
     "T4": 16 * GIB,
 }
+MAX_DECLARED = 1024
+"""Most simulated GPUs one `--gpus` entry may declare."""
 _DECLARED_RE = re.compile(
-    r"^(?P<type>[A-Za-z0-9][A-Za-z0-9_.-]*?)(?::(?P<count>[0-9]+))?(?::(?P<mem>.+))?$"
+    r"^(?P<type>[A-Za-z0-9][A-Za-z0-9_.-]*?)(?::(?P<count>[0-9]+))?(?::(?P<mem>[^:]+))?$"
 )
 
 
@@ -87,8 +89,10 @@ def parse_declared(text: str) -> tuple[Gpu, ...]:
                 f"--gpus entry {part!r} is not TYPE[:COUNT[:MEMORY]], e.g. 'L4:2' or 'X1:1:24GiB'"
             )
         gpu_type, count = m["type"].upper(), int(m["count"] or 1)
-        if count < 1:
-            raise ValueError(f"--gpus entry {part!r}: the count must be at least 1")
+        if not 1 <= count <= MAX_DECLARED:
+            raise ValueError(
+                f"--gpus entry {part!r}: the count must be at least 1 and at most {MAX_DECLARED}"
+            )
         if m["mem"]:
             try:
                 memory = parse_memory_mib(m["mem"])
@@ -111,7 +115,11 @@ def describe_inventory(inventory: Sequence[Gpu]) -> str:
     if not inventory:
         return "no GPUs"
     counts = Counter((g.type, g.memory_mib) for g in inventory)
-    return ", ".join(f"{n}x {t} ({mem / GIB:g} GiB)" for (t, mem), n in counts.items())
+    text = ", ".join(f"{n}x {t} ({mem / GIB:g} GiB)" for (t, mem), n in counts.items())
+    simulated = sum(1 for g in inventory if g.simulated)
+    if simulated:
+        text += " (simulated)" if simulated == len(inventory) else f" ({simulated} simulated)"
+    return text
 
 
 def _wanted(requests: Sequence[GpuRequest], gpu_memory_mib: int | None) -> str:
@@ -127,18 +135,22 @@ def place(
 ) -> Placement:
     if not requests:
         return Placed((), None, None)
+    if gpu_memory_mib is not None and (gpu_memory_mib < 1 or any(r.count != 1 for r in requests)):
+        raise ValueError("gpu_memory packs onto one GPU: it needs requests of count 1 and >= 1 MiB")
     whole: set[int] = set()
+    packed: set[int] = set()
     reserved: Counter[int] = Counter()
     for a in held:
         for i in a.gpus:
             if a.memory_mib is None:
                 whole.add(i)
             else:
+                packed.add(i)
                 reserved[i] += a.memory_mib
     for req in requests:
         of_type = [g for g in inventory if g.type == req.type]
         if gpu_memory_mib is None:
-            free = [g for g in of_type if g.index not in whole and reserved[g.index] == 0]
+            free = [g for g in of_type if g.index not in whole and g.index not in packed]
             if len(free) >= req.count:
                 return Placed(tuple(g.index for g in free[: req.count]), req.type, None)
         else:
@@ -162,7 +174,7 @@ def place(
     ]
     if could_ever:
         busy = ", ".join(
-            f"{sum(1 for g in inventory if g.type == r.type and (g.index in whole or reserved[g.index]))}"
+            f"{sum(1 for g in inventory if g.type == r.type and (g.index in whole or g.index in packed))}"
             f" of {sum(1 for g in inventory if g.type == r.type)} {r.type} in use"
             for r in could_ever
         )

@@ -115,6 +115,9 @@ def rate(resources: Resources, prices: PriceTable) -> float:
 
 def rounding_ms(lifetime_ms: float, billing: str) -> float:
     """Extra milliseconds billed when a worker stops: per-second billing rounds its life up."""
-    if billing != "second":
+    if billing != "second" or not lifetime_ms > 0:
         return 0.0
-    return math.ceil(lifetime_ms / 1000.0 - 1e-9) * 1000.0 - lifetime_ms if lifetime_ms > 0 else 0.0
+    # Lifetimes come from differences of epoch seconds, exact only to about a microsecond: a life
+    # of 2000.0002 ms is 2 s, not 3; and the result is never negative.
+    seconds = math.ceil(round(lifetime_ms, 3) / 1000.0)
+    return max(0.0, seconds * 1000.0 - lifetime_ms)

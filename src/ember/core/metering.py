@@ -6,7 +6,8 @@ also cut at every checkpoint), so the records of one worker add up exactly to it
 A job's cost (documented in docs/metering.md): its own execution time, its share of the cold start
 it waited through, and the idle time its worker spent waiting for it since its previous job; each
 divided by the worker's `concurrency`, since that many jobs share the worker. Idle time after a
-worker's last job is in the usage totals but in no job's cost.
+worker's last job, or before its first (a `min_workers` worker kept warm), is in the usage totals
+but in no job's cost.
 """
 
 from __future__ import annotations

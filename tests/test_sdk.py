@@ -160,6 +160,8 @@ def test_unknown_options_are_a_type_error() -> None:
     app = ember.App("decor")
     with pytest.raises(TypeError, match="gpus"):
         app.function(gpus="H100")
+    with pytest.raises(ember.InvalidSpec, match="unknown option 'gpus'; the options are gpu, "):
+        app.function(gpus="H100")
     with pytest.raises(TypeError, match="workers"):
         app.cls(workers=2)
 

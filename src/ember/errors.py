@@ -11,6 +11,10 @@ class InvalidSpec(EmberError, ValueError):
     """A decorator option cannot work (raised at decoration or deploy)."""
 
 
+class UnknownOption(InvalidSpec, TypeError):
+    """A decorator was given an option it does not have (a TypeError, as for any unknown keyword)."""
+
+
 class ApiError(EmberError):
     """The server refused a request; `status` is the HTTP status, `code` its short name."""
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from ember.api import schemas
 from ember.api.errors import ApiException
@@ -20,6 +21,11 @@ from ember.control.records import InputError, Job
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    """Document a JSON body that the handler parses itself (for its own 400/422 messages)."""
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def plane(request: Request) -> ControlPlane:
@@ -86,11 +92,7 @@ def _submit(request: Request, app: str, fn: str, input: Any) -> tuple[Job, async
     "/apps/{app}/{fn}/run",
     status_code=202,
     response_model=schemas.Accepted,
-    openapi_extra={
-        "requestBody": {
-            "content": {"application/json": {"schema": schemas.RunRequest.model_json_schema()}}
-        }
-    },
+    openapi_extra=_body(schemas.RunRequest),
 )
 async def run(request: Request, app: str, fn: str) -> Response:
     """Queue a job; it is durable before this answers."""
@@ -102,11 +104,7 @@ async def run(request: Request, app: str, fn: str) -> Response:
 @router.post(
     "/apps/{app}/{fn}/runsync",
     response_model=schemas.JobBody,
-    openapi_extra={
-        "requestBody": {
-            "content": {"application/json": {"schema": schemas.RunRequest.model_json_schema()}}
-        }
-    },
+    openapi_extra=_body(schemas.RunRequest),
 )
 async def runsync(
     request: Request,
@@ -196,11 +194,7 @@ async def stream_job(request: Request, job_id: str) -> StreamingResponse:
     "/apps",
     status_code=201,
     response_model=schemas.Deployed,
-    openapi_extra={
-        "requestBody": {
-            "content": {"application/json": {"schema": schemas.DeployRequest.model_json_schema()}}
-        }
-    },
+    openapi_extra=_body(schemas.DeployRequest),
 )
 async def deploy(request: Request) -> Response:
     """Deploy (or redeploy) an app: a new immutable version; old workers drain."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict, Unpack
 
 from ember.core.spec import FunctionSpec, SpecError, make_spec, parse_tags
-from ember.errors import InvalidSpec
+from ember.errors import InvalidSpec, UnknownOption
 from ember.sdk.cls import Cls
 from ember.sdk.function import Function
 from ember.sdk.hooks import hooks_of
@@ -33,7 +33,32 @@ def kind_of(fn: Callable[..., Any]) -> str:
     return "function"
 
 
-def _spec(options: dict[str, Any], where: str) -> FunctionSpec:
+class Options(TypedDict, total=False):
+    """Options of `@app.function(...)` and `@app.cls(...)`; the README's table says what each does."""
+
+    gpu: str | list[str] | None
+    gpu_memory: int | str | None
+    cpu: float | None
+    memory: int | str | None
+    min_workers: int
+    max_workers: int
+    buffer_workers: int
+    idle_timeout: float
+    concurrency: int
+    timeout: float
+    retries: int
+    tags: dict[str, str] | None
+    env: str | None
+
+
+def _spec(options: Mapping[str, Any], where: str) -> FunctionSpec:
+    """Options are checked where they are written, so a typo fails at import, not at deploy."""
+    unknown = sorted(set(options) - set(Options.__annotations__))
+    if unknown:
+        raise UnknownOption(
+            f"{where}: unknown option {unknown[0]!r}; the options are "
+            + ", ".join(Options.__annotations__)
+        )
     try:
         return make_spec(**options)
     except SpecError as exc:
@@ -59,48 +84,15 @@ class App:
     def __repr__(self) -> str:
         return f"<ember.App {self.name}>"
 
-    def function(
-        self,
-        fn: Callable[..., Any] | None = None,
-        /,
-        *,
-        gpu: str | list[str] | None = None,
-        gpu_memory: int | str | None = None,
-        cpu: float | None = None,
-        memory: int | str | None = None,
-        min_workers: int = 0,
-        max_workers: int = 10,
-        buffer_workers: int = 0,
-        idle_timeout: float = 60,
-        concurrency: int = 1,
-        timeout: float = 300,
-        retries: int = 0,
-        tags: dict[str, str] | None = None,
-        env: str | None = None,
-    ) -> Any:
-        """Deploy a function; usable bare (`@app.function`) or with options."""
-        options = dict(
-            gpu=gpu,
-            gpu_memory=gpu_memory,
-            cpu=cpu,
-            memory=memory,
-            min_workers=min_workers,
-            max_workers=max_workers,
-            buffer_workers=buffer_workers,
-            idle_timeout=idle_timeout,
-            concurrency=concurrency,
-            timeout=timeout,
-            retries=retries,
-            tags=tags,
-            env=env,
-        )
+    def function(self, fn: Callable[..., Any] | None = None, /, **options: Unpack[Options]) -> Any:
+        """Deploy a function; usable bare (`@app.function`) or with options (see `Options`)."""
+        spec = _spec(options, "@app.function")
 
         def wrap(f: Callable[..., Any]) -> Function:
             if not callable(f) or inspect.isclass(f):
                 raise InvalidSpec(
                     f"@app.function decorates a function, got {f!r}; use @app.cls for classes"
                 )
-            spec = _spec(options, f"@app.function on {f.__name__}")
             self._claim(f.__name__)
             handle = Function(self.name, f.__name__, kind=kind_of(f), local=f, spec=spec)
             self.units[f.__name__] = handle
@@ -108,44 +100,14 @@ class App:
 
         return wrap(fn) if fn is not None else wrap
 
-    def cls(
-        self,
-        *,
-        gpu: str | list[str] | None = None,
-        gpu_memory: int | str | None = None,
-        cpu: float | None = None,
-        memory: int | str | None = None,
-        min_workers: int = 0,
-        max_workers: int = 10,
-        buffer_workers: int = 0,
-        idle_timeout: float = 60,
-        concurrency: int = 1,
-        timeout: float = 300,
-        retries: int = 0,
-        tags: dict[str, str] | None = None,
-        env: str | None = None,
-    ) -> Callable[[type], Cls]:
-        """Deploy a class: `@ember.enter` hooks run once per worker, `@ember.method`s are callable."""
-        options = dict(
-            gpu=gpu,
-            gpu_memory=gpu_memory,
-            cpu=cpu,
-            memory=memory,
-            min_workers=min_workers,
-            max_workers=max_workers,
-            buffer_workers=buffer_workers,
-            idle_timeout=idle_timeout,
-            concurrency=concurrency,
-            timeout=timeout,
-            retries=retries,
-            tags=tags,
-            env=env,
-        )
+    def cls(self, **options: Unpack[Options]) -> Callable[[type], Cls]:
+        """Deploy a class: `@ember.enter` hooks run once per worker, `@ember.method`s are callable;
+        the options (see `Options`) apply to the class's workers."""
+        spec = _spec(options, "@app.cls")
 
         def wrap(user_cls: type) -> Cls:
             if not inspect.isclass(user_cls):
                 raise InvalidSpec(f"@app.cls decorates a class, got {user_cls!r}")
-            spec = _spec(options, f"@app.cls on {user_cls.__name__}")
             _, _, methods = hooks_of(user_cls)
             if not methods:
                 raise InvalidSpec(

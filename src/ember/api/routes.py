@@ -16,7 +16,8 @@ from pydantic import BaseModel
 
 from ember.api import schemas
 from ember.api.errors import ApiException
-from ember.control.plane import ControlPlane, DeployError, NotFoundError, UnplaceableError
+from ember.control.manifest import DeployError
+from ember.control.plane import ControlPlane, NotFoundError, UnplaceableError
 from ember.control.records import InputError, Job
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import secrets
 import socket
 import time
@@ -18,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from ember.backends.local import Launch, LocalBackend
 from ember.control.logs import LogStore
+from ember.control.manifest import validate_manifest
 from ember.control.meter import Meter, round_up_orphans
 from ember.control.records import AppState, FunctionMeta, Job, Pool, Worker
 from ember.core import autoscaler
@@ -32,7 +30,7 @@ from ember.core.jobs import JobStatus, should_retry, startup_backoff
 from ember.core.metering import Phase, UsageRecord, group_key, job_cost, summarize
 from ember.core.placement import Allocation, Gpu, Never, Placed, Wait, place
 from ember.core.pricing import DEFAULT_CPU, DEFAULT_MEMORY_GIB, PriceTable, Resources
-from ember.core.spec import FunctionSpec, SpecError, parse_tags
+from ember.core.spec import FunctionSpec
 from ember.core.timings import job_timings
 from ember.store import tables
 from ember.store.writer import Writer, execute
@@ -40,12 +38,6 @@ from ember.worker import protocol
 
 log = logging.getLogger("ember.control")
 
-KINDS = ("function", "generator", "async", "async_generator")
-APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-FN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-FILENAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
-ENVIRONMENTS = ("server",)
-"""Environments a function may name; the server's own Python until environments are built."""
 RECENT_JOBS = 4096
 TICK_S = 0.25
 STARTUP_FAILURES_BEFORE_FAILING_JOBS = 3
@@ -55,10 +47,6 @@ class NotFoundError(LookupError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
-
-
-class DeployError(ValueError):
-    """A deploy manifest that cannot be served (HTTP 422)."""
 
 
 class UnplaceableError(ValueError):
@@ -261,82 +249,8 @@ class ControlPlane:
                 pools[f["unit"]] = Pool(name, version, f["unit"], spec, bundle)
         return AppState(name, tags, version, filename, metas, pools, created_at, updated_at)
 
-    def validate_manifest(self, m: Any) -> dict[str, Any]:
-        """Check a deploy manifest completely before anything is written."""
-        if not isinstance(m, dict):
-            raise DeployError("the deploy body must be a JSON object")
-        name, filename, source, fns = (
-            m.get("name"),
-            m.get("filename"),
-            m.get("source"),
-            m.get("functions"),
-        )
-        if not isinstance(name, str) or not APP_NAME_RE.match(name):
-            raise DeployError("'name' must be 1-64 characters of letters, digits, '_', '.', '-'")
-        if not isinstance(filename, str) or not FILENAME_RE.match(filename):
-            raise DeployError("'filename' must be a Python module file name such as 'hello.py'")
-        if not isinstance(source, str):
-            raise DeployError("'source' must be the text of the file")
-        try:
-            tags = parse_tags(m.get("tags"))
-        except SpecError as exc:
-            raise DeployError(str(exc)) from None
-        if not isinstance(fns, list) or not fns:
-            raise DeployError(f"app {name!r} has no functions: decorate some with @app.function")
-        seen: dict[str, str] = {}
-        clean: list[dict[str, Any]] = []
-        for f in fns:
-            if not isinstance(f, dict):
-                raise DeployError("each entry of 'functions' must be an object")
-            fname, unit, kind, params = f.get("name"), f.get("unit"), f.get("kind"), f.get("params")
-            if not isinstance(fname, str) or not FN_NAME_RE.match(fname):
-                raise DeployError(f"function name {fname!r} must be NAME or Class.method")
-            if fname in seen:
-                raise DeployError(f"function {fname!r} appears twice")
-            if not isinstance(unit, str) or fname.split(".")[0] != unit:
-                raise DeployError(f"function {fname!r}: 'unit' must be {fname.split('.')[0]!r}")
-            if kind not in KINDS:
-                raise DeployError(f"function {fname!r}: 'kind' must be one of {', '.join(KINDS)}")
-            if not isinstance(params, dict) or not isinstance(params.get("names"), list):
-                raise DeployError(f"function {fname!r}: 'params' must describe its parameters")
-            try:
-                Draft202012Validator.check_schema(params.get("schema") or {})
-                spec = FunctionSpec.from_dict(f.get("spec") or {})
-            except SchemaError as exc:
-                raise DeployError(
-                    f"function {fname!r}: bad parameter schema: {exc.message}"
-                ) from None
-            except (SpecError, TypeError) as exc:
-                raise DeployError(f"function {fname!r}: {exc}") from None
-            if spec.env is not None and spec.env not in ENVIRONMENTS:
-                raise DeployError(
-                    f"function {fname!r}: unknown environment {spec.env!r}; this server has: "
-                    + ", ".join(ENVIRONMENTS)
-                )
-            if unit in seen.values() and any(
-                c["unit"] == unit and c["spec"] != spec.to_dict() for c in clean
-            ):
-                raise DeployError(f"methods of {unit!r} must share one spec")
-            seen[fname] = unit
-            clean.append(
-                {
-                    "name": fname,
-                    "unit": unit,
-                    "kind": kind,
-                    "params": params,
-                    "spec": spec.to_dict(),
-                }
-            )
-        return {
-            "name": name,
-            "filename": filename,
-            "source": source,
-            "tags": tags,
-            "functions": clean,
-        }
-
     async def deploy(self, manifest: Any) -> dict[str, Any]:
-        m = self.validate_manifest(manifest)
+        m = validate_manifest(manifest)
         name, now = m["name"], time.time()
         old = self.apps.get(name)
         version = old.version + 1 if old else 1

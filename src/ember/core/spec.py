@@ -37,6 +37,10 @@ _UNIT_MIB = {
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")
 
 
+KINDS = ("function", "generator", "async", "async_generator")
+"""How a callable runs: plain, generator (streams), coroutine (a task), async generator."""
+
+
 class SpecError(ValueError):
     """An option of `@app.function` / `@app.cls` that cannot work; the message says how to fix it."""
 

@@ -15,8 +15,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-KINDS = ("function", "generator", "async", "async_generator")
-
 
 class _Invoker(Generic[P, R]):
     """A call with a sync form, `f(...)`, and an awaitable one, `await f.aio(...)`."""

@@ -167,8 +167,7 @@ def test_sigterm_stops_every_worker(
     )
     job_id = server.client.run("durable", "slow", {"i": 0, "delay": 0.5})["id"]
     wait_for(lambda: status(server, job_id) == "IN_PROGRESS", what="the job to run")
-    pids = worker_pids(server.data_dir)
-    assert len(pids) == 5
+    assert len({w["pid"] for w in server.workers()}) == 5
     hooked = {w["pid"] for w in server.workers() if w["app"] == "hooked"}
 
     # a clean shutdown; uvicorn then re-raises the signal (or the CLI exits 128 + N)
@@ -236,6 +235,6 @@ def test_workers_busy_in_enter_or_blocking_code_exit_with_the_server(
     server.deploy(STUCK)
     job_id = server.client.run("stuck", "blocking", {})["id"]
     wait_for(lambda: status(server, job_id) == "IN_PROGRESS", what="the blocking job to run")
-    wait_for(lambda: len(worker_pids(server.data_dir)) == 2, what="both workers")
+    wait_for(lambda: len([w for w in server.workers() if w["pid"]]) == 2, what="both workers")
     server.kill9()
     wait_for(lambda: not worker_pids(server.data_dir), timeout=10, what="orphan workers to exit")

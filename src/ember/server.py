@@ -65,11 +65,14 @@ def serve(
     db_url: str | None = None,
     gpus: str | None = None,
     price_file: Path | None = None,
+    templates: bool = True,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings(data_dir=data_dir, inventory=inventory(gpus), prices=prices(price_file))
+    settings = Settings(
+        data_dir=data_dir, inventory=inventory(gpus), prices=prices(price_file), templates=templates
+    )
     app = create_app(settings, max_payload=max_payload, db_url=db_url)
     config = uvicorn.Config(
         app,

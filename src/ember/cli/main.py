@@ -82,6 +82,13 @@ def server(
             help="TOML file overriding the price table and billing mode (docs/metering.md)"
         ),
     ] = None,
+    templates: Annotated[
+        bool,
+        typer.Option(
+            help="fork workers from a template per function version (module imported and "
+            "@enter(snap=True) hooks run once); --no-templates starts each worker as a new process"
+        ),
+    ] = os.environ.get("EMBER_TEMPLATES", "1") != "0",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run ember on this machine: the API, SQLite in the data dir, and local worker processes.
@@ -99,6 +106,7 @@ def server(
             log_level=log_level,
             gpus=gpus,
             price_file=prices,
+            templates=templates,
         )
     except ServerConfigError as exc:
         _fail(exc)

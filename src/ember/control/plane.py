@@ -62,6 +62,8 @@ class Settings:
     prices: PriceTable = field(default_factory=PriceTable)
     checkpoint_s: float = 1.0
     """How often open usage segments are written: the most metering a kill -9 can lose."""
+    templates: bool = True
+    """Fork workers from a pre-initialised template per function version."""
 
 
 class ControlPlane:
@@ -73,7 +75,9 @@ class ControlPlane:
         self.recent: OrderedDict[str, Job] = OrderedDict()
         self.workers: dict[str, Worker] = {}
         self.counts: dict[tuple[str, str], Counter[str]] = {}
-        self.backend = LocalBackend(settings.data_dir / "logs" / "workers")
+        self.backend = LocalBackend(
+            settings.data_dir / "logs" / "workers", templates=settings.templates
+        )
         self.logs = LogStore(settings.data_dir / "logs")
         self.control_addr = ""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -89,6 +93,7 @@ class ControlPlane:
         self.control_addr = f"{host}:{port}"
         self._requeue_pending(await asyncio.to_thread(self._load))
         for app in self.apps.values():
+            await self._prepare(app)
             for pool in app.pools.values():
                 self._pump(pool)
                 self._scale(pool)
@@ -109,6 +114,7 @@ class ControlPlane:
         while self.workers and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         self._server.close()
+        await self.backend.close()
         self.checkpoint()
         for task in list(self._tasks):
             task.cancel()
@@ -278,6 +284,7 @@ class ControlPlane:
 
         await self.writer.submit(write)
         self.apps[name] = app
+        await self._prepare(app)
         if old is not None:
             self._retire(old, app)
         for pool in app.pools.values():
@@ -301,10 +308,19 @@ class ControlPlane:
                     warnings.append(f"{unit}: {fit.reason}; calls to it will be refused (422)")
         return warnings
 
+    async def _prepare(self, app: AppState) -> None:
+        """Start a template per unit; until one is ready, workers start plainly."""
+        for unit, pool in app.pools.items():
+            try:
+                await self.backend.prepare(pool.bundle, app.name, unit)
+            except OSError as exc:
+                log.warning("no template for %s/%s: %s", app.name, unit, exc)
+
     def _retire(self, old: AppState, new: AppState) -> None:
         """A redeploy: queued jobs move to the new version, old workers drain."""
         for pool in old.pools.values():
             pool.active = False
+            self.backend.retire(pool.bundle, pool.unit)
             while pool.queue:
                 job = pool.queue.popleft()
                 meta = new.functions.get(job.function)

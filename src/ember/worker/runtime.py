@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,63 @@ class _Capture(io.TextIOBase):
             self.sink(job, self.stream, rest)
 
 
+@dataclass
+class Loaded:
+    """A unit imported and ready to serve: what a template keeps and every fork inherits."""
+
+    targets: dict[str, tuple[Callable[..., Any], str]]
+    snap_hooks: list[Callable[[], Any]]
+    """`@ember.enter(snap=True)`: CPU-side loading a template runs once for all its forks."""
+    enter_hooks: list[Callable[[], Any]]
+    """`@ember.enter()`: run in each worker (GPU set-up goes here)."""
+    exit_hooks: list[Callable[[], Any]]
+
+
+def load_unit(bundle: Path, app_name: str, unit_name: str) -> Loaded:
+    """Import the user's file and find the function or class this process serves."""
+    from ember.sdk.app import registered_app
+    from ember.sdk.cls import Cls
+    from ember.sdk.hooks import ENTER, hooks_of
+
+    sys.path.insert(0, str(bundle.parent))
+    name = bundle.stem
+    spec = importlib.util.spec_from_file_location(name, bundle)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    try:
+        app = registered_app(app_name)
+    except KeyError:
+        raise RuntimeError(f"{bundle.name} no longer defines ember.App({app_name!r})") from None
+    unit = app.units.get(unit_name)
+    if unit is None:
+        raise RuntimeError(f"app {app_name!r} has no function or class {unit_name!r}")
+    if not isinstance(unit, Cls):
+        assert unit._local is not None
+        return Loaded({unit.name: (unit._local, unit.kind)}, [], [], [])
+    assert unit.user_cls is not None
+    instance = unit.user_cls()
+    enters, exits, _ = hooks_of(unit.user_cls)
+    snap = [h for h in enters if getattr(getattr(unit.user_cls, h), ENTER)["snap"]]
+    return Loaded(
+        targets={h.name: (getattr(instance, m), h.kind) for m, h in unit.methods.items()},
+        snap_hooks=[getattr(instance, h) for h in snap],
+        enter_hooks=[getattr(instance, h) for h in enters if h not in snap],
+        exit_hooks=[getattr(instance, h) for h in exits],
+    )
+
+
+async def run_hooks(hooks: list[Callable[[], Any]]) -> None:
+    for hook in hooks:
+        result = hook()
+        if asyncio.iscoroutine(result):
+            await result
+
+
 class Worker:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], preloaded: Loaded | None = None) -> None:
+        self.preloaded = preloaded
         self.id = env["EMBER_WORKER_ID"]
         self.secret = env["EMBER_WORKER_SECRET"]
         host, port = env["EMBER_CONTROL"].rsplit(":", 1)
@@ -115,42 +171,6 @@ class Worker:
         while True:
             await asyncio.sleep(0.1)
             self.flush_logs()
-
-    # loading
-    def load(self) -> None:
-        """Import the user's file and find the unit this worker serves."""
-        from ember.sdk.app import registered_app
-        from ember.sdk.cls import Cls
-        from ember.sdk.hooks import hooks_of
-
-        sys.path.insert(0, str(self.bundle.parent))
-        name = self.bundle.stem
-        spec = importlib.util.spec_from_file_location(name, self.bundle)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        try:
-            app = registered_app(self.app_name)
-        except KeyError:
-            raise RuntimeError(
-                f"{self.bundle.name} no longer defines ember.App({self.app_name!r})"
-            ) from None
-        unit = app.units.get(self.unit_name)
-        if unit is None:
-            raise RuntimeError(f"app {self.app_name!r} has no function or class {self.unit_name!r}")
-        if isinstance(unit, Cls):
-            assert unit.user_cls is not None
-            self.instance = unit.user_cls()
-            enters, exits, _ = hooks_of(unit.user_cls)
-            self.enter_hooks = [getattr(self.instance, h) for h in enters]
-            self.exit_hooks = [getattr(self.instance, h) for h in exits]
-            for m, handle in unit.methods.items():
-                self.targets[handle.name] = (getattr(self.instance, m), handle.kind)
-        else:
-            assert unit._local is not None
-            self.enter_hooks = []
-            self.targets[unit.name] = (unit._local, unit.kind)
 
     # jobs
     async def run_job(self, msg: dict[str, Any]) -> None:
@@ -273,12 +293,14 @@ class Worker:
         sys.stderr = _Capture("stderr", self.log)
         self._flusher = asyncio.create_task(self._flush_logs_forever())
         try:
-            self.load()
+            if self.preloaded is None:  # a plain process: import, then every enter hook here
+                loaded = load_unit(self.bundle, self.app_name, self.unit_name)
+                hooks = loaded.snap_hooks + loaded.enter_hooks
+            else:  # forked from a template: imported and snap hooks run already
+                loaded, hooks = self.preloaded, self.preloaded.enter_hooks
+            self.targets, self.exit_hooks = loaded.targets, loaded.exit_hooks
             t0 = time.perf_counter()
-            for hook in self.enter_hooks:
-                result = hook()
-                if asyncio.iscoroutine(result):
-                    await result
+            await run_hooks(hooks)
             load_ms = (time.perf_counter() - t0) * 1000.0
         except BaseException as exc:
             self.flush_logs()
@@ -303,24 +325,40 @@ class Worker:
                 self._drainer = asyncio.create_task(self.drain())
 
 
-def _exit_with_parent(ppid: int, interval: float = 0.2) -> None:
-    """Exit once the server (our parent) is gone, even while user code blocks the event loop
-    (a long `@enter` hook, a blocking call in async code) so that it cannot see the drop."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+
+
+def _exit_with_server(server_pid: int, interval: float = 0.2) -> None:
+    """Exit once the server is gone, even while user code blocks the event loop (a long
+    `@enter` hook, a blocking call in async code) so that it cannot see the connection drop.
+    A worker forked from a template outlives the template (a redeploy retires it while its
+    workers drain), so losing a parent other than the server only means: check the server."""
+    parent = os.getppid()
     while True:
         time.sleep(interval)
-        if os.getppid() != ppid:
+        if os.getppid() != parent and (parent == server_pid or not _alive(server_pid)):
             os._exit(0)
 
 
-def main() -> None:
+def main(preloaded: Loaded | None = None) -> None:
+    """Run a worker: in a fresh process, or in a fork of a template (`preloaded`)."""
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
+    server_pid = int(os.environ.get("EMBER_SERVER_PID") or os.getppid())
     threading.Thread(
-        target=_exit_with_parent, args=(os.getppid(),), name="ember-parent", daemon=True
+        target=_exit_with_server, args=(server_pid,), name="ember-server-watch", daemon=True
     ).start()
-    worker = Worker(dict(os.environ))
+    worker = Worker(dict(os.environ), preloaded)
     asyncio.run(worker.serve())

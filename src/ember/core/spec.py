@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ember.core.prewarm import parse_cron
+
 _GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9][A-Za-z0-9_.-]*?)(?::(?P<count>[0-9]+))?$")
 _MEMORY_RE = re.compile(r"^\s*(?P<num>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[KMGT]i?B?|B)?\s*$", re.I)
 _UNIT_MIB = {
@@ -61,6 +63,10 @@ class ScalingSpec:
     buffer_workers: int = 0
     idle_timeout: float = 60.0
     concurrency: int = 1
+    prewarm: str | None = None
+    """None: a fixed keep-alive of idle_timeout; "auto": the hybrid histogram policy (prewarm.py)."""
+    warm_schedule: str | None = None
+    """Cron expression of the minutes in which min_workers are kept; None: always."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,20 @@ def parse_tags(value: Any, *, what: str = "tags") -> dict[str, str]:
     return out
 
 
+def parse_warm_schedule(value: Any) -> str | None:
+    """A cron expression (`minute hour day-of-month month day-of-week`), whitespace normalised."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SpecError(
+            f"warm_schedule must be a cron expression like '* 9-16 * * 1-5', got {value!r}"
+        )
+    try:
+        return parse_cron(value).expr
+    except ValueError as exc:
+        raise SpecError(f"warm_schedule: {exc}") from None
+
+
 def make_spec(
     *,
     gpu: Any = None,
@@ -187,6 +207,8 @@ def make_spec(
     buffer_workers: Any = 0,
     idle_timeout: Any = 60,
     concurrency: Any = 1,
+    prewarm: Any = None,
+    warm_schedule: Any = None,
     timeout: Any = 300,
     retries: Any = 0,
     tags: Any = None,
@@ -203,6 +225,13 @@ def make_spec(
         raise SpecError(f"cpu must be a positive number of cores, got {cpu!r}")
     if env is not None and (not isinstance(env, str) or not env):
         raise SpecError(f"env must be the name of an environment, got {env!r}")
+    if prewarm not in (None, "auto"):
+        raise SpecError(f"prewarm must be None or 'auto', got {prewarm!r}")
+    schedule = parse_warm_schedule(warm_schedule)
+    if schedule is not None and mn == 0:
+        raise SpecError(
+            "warm_schedule keeps min_workers warm inside its windows: give min_workers >= 1 with it"
+        )
     gpus = parse_gpu(gpu)
     gpu_memory_mib = parse_memory_mib(gpu_memory, what="gpu_memory")
     if gpu_memory_mib is not None and (not gpus or any(g.count != 1 for g in gpus)):
@@ -214,6 +243,8 @@ def make_spec(
             buffer_workers=_int("buffer_workers", buffer_workers, minimum=0),
             idle_timeout=_seconds("idle_timeout", idle_timeout, positive=False),
             concurrency=_int("concurrency", concurrency, minimum=1),
+            prewarm=prewarm,
+            warm_schedule=schedule,
         ),
         gpu=gpus,
         gpu_memory_mib=gpu_memory_mib,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict, Unpack
+from typing import Any, Literal, TypedDict, Unpack
 
 from ember.core.spec import FunctionSpec, SpecError, make_spec, parse_tags
 from ember.errors import InvalidSpec, UnknownOption
@@ -45,6 +45,8 @@ class Options(TypedDict, total=False):
     buffer_workers: int
     idle_timeout: float
     concurrency: int
+    prewarm: Literal["auto"] | None
+    warm_schedule: str | None
     timeout: float
     retries: int
     tags: dict[str, str] | None

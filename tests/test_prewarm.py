@@ -591,3 +591,39 @@ def test_traffic_azure_functions_2019_sample() -> None:
     # idle worker time.
     assert total["auto"][0] * 2 < total["fixed 10 min"][0]
     assert total["auto"][1] <= total["fixed 10 min"][1]
+
+
+# --------------------------------------------------------------------------- the autoscaler floor
+
+
+def test_worker_floor_joins_schedule_and_prewarming() -> None:
+    from ember.core.autoscaler import PoolView, decide
+    from ember.core.prewarm import worker_floor
+    from ember.core.spec import make_spec
+
+    monday_10 = datetime(2026, 11, 23, 10, 0)
+    sunday_10 = datetime(2026, 11, 22, 10, 0)
+    office = make_spec(min_workers=2, warm_schedule="* 9-16 * * 1-5").scaling
+    assert worker_floor(office, IdleHistogram(), None, 0.0, monday_10) == 2
+    assert worker_floor(office, IdleHistogram(), None, 0.0, sunday_10) == 0
+    # the floor is what decide() keeps: two workers on a Monday morning, none on Sunday
+    empty = PoolView(queued=0, running=0, workers=())
+    assert (
+        decide(
+            empty, office, 0.0, worker_floor(office, IdleHistogram(), None, 0.0, monday_10)
+        ).start
+        == 2
+    )
+    assert (
+        decide(
+            empty, office, 0.0, worker_floor(office, IdleHistogram(), None, 0.0, sunday_10)
+        ).start
+        == 0
+    )
+
+    # calls every 10 minutes: after a call, no worker is wanted until just before the next one
+    auto = make_spec(prewarm="auto", idle_timeout=60).scaling
+    hist = IdleHistogram().record_all([600.0] * 40)
+    assert worker_floor(auto, hist, 0.0, 120.0, monday_10) == 0
+    assert worker_floor(auto, hist, 0.0, 590.0, monday_10) == 1
+    assert worker_floor(auto, hist, None, 590.0, monday_10) == 0  # never called: no prediction

@@ -463,3 +463,23 @@ def test_logs_lines_carry_job_ids(server: Server) -> None:
         (b, "stdout", "hello 2"),
         (b, "stderr", "oops 2"),
     }
+
+
+def test_warm_schedule_keeps_min_workers_only_inside_its_window(server: Server) -> None:
+    server.deploy(
+        """
+        import ember
+
+        app = ember.App("sched")
+
+        @app.function(min_workers=1, warm_schedule="* * * * *")
+        def always() -> int:
+            return 1
+
+        @app.function(min_workers=1, warm_schedule="0 0 29 2 *")
+        def leap_midnight() -> int:
+            return 2
+        """
+    )
+    wait_for(lambda: [w["unit"] for w in server.workers()] == ["always"], what="one warm worker")
+    assert server.function("sched", "leap_midnight").remote() == 2  # a call still cold-starts

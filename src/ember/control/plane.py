@@ -14,6 +14,7 @@ import socket
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ember.core.autoscaler import PoolView, WorkerState
 from ember.core.jobs import JobStatus, should_retry, startup_backoff
 from ember.core.metering import Phase, UsageRecord, group_key, job_cost, summarize
 from ember.core.placement import Allocation, Gpu, Never, Placed, Wait, place
+from ember.core.prewarm import worker_floor
 from ember.core.pricing import DEFAULT_CPU, DEFAULT_MEMORY_GIB, PriceTable, Resources
 from ember.core.spec import FunctionSpec
 from ember.core.timings import job_timings
@@ -321,6 +323,8 @@ class ControlPlane:
         for pool in old.pools.values():
             pool.active = False
             self.backend.retire(pool.bundle, pool.unit)
+            if (successor := new.pools.get(pool.unit)) is not None:  # call history carries over
+                successor.hist, successor.last_call_end = pool.hist, pool.last_call_end
             while pool.queue:
                 job = pool.queue.popleft()
                 meta = new.functions.get(job.function)
@@ -387,6 +391,12 @@ class ControlPlane:
         durable = self.writer.submit(execute(insert(tables.jobs), row))
         self.jobs[job.id] = job
         pool = state.pools[meta.unit]
+        if (
+            pool.last_call_end is not None
+            and not pool.queue
+            and not any(w.active_jobs for w in pool.workers.values())
+        ):
+            pool.hist = pool.hist.record(max(0.0, job.created - pool.last_call_end))
         pool.queue.append(job)
         self._pump(pool)
         self._scale(pool)
@@ -478,6 +488,8 @@ class ControlPlane:
             worker=job.worker_start,
         ).to_dict()
         job.cost = self._job_cost(job)
+        if (pool := self._pool_of(job)) is not None:
+            pool.last_call_end = job.finished
         job.reason = None
         self.counts.setdefault((job.app, job.function), Counter())[status.value] += 1
         job.done.set()
@@ -598,7 +610,11 @@ class ControlPlane:
             return
         running = sum(w.active_jobs for w in pool.workers.values())
         view = PoolView(len(pool.queue), running, tuple(w.view() for w in pool.workers.values()))
-        decision = autoscaler.decide(view, pool.spec.scaling, now)
+        scaling = pool.spec.scaling
+        floor = None
+        if scaling.prewarm or scaling.warm_schedule:
+            floor = worker_floor(scaling, pool.hist, pool.last_call_end, now, datetime.now())
+        decision = autoscaler.decide(view, scaling, now, floor)
         pool.wait_reason = None
         for _ in range(decision.start):
             if now < pool.next_start:

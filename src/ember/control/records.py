@@ -14,6 +14,7 @@ from jsonschema import Draft202012Validator
 from ember.core.autoscaler import WorkerState, WorkerView
 from ember.core.jobs import JobStatus
 from ember.core.metering import Phase
+from ember.core.prewarm import IdleHistogram
 from ember.core.pricing import Resources
 from ember.core.spec import FunctionSpec
 from ember.core.timings import WorkerStart
@@ -203,6 +204,9 @@ class Pool:
     startup_failures: int = 0
     next_start: float = 0.0
     wait_reason: str | None = None
+    hist: IdleHistogram = field(default_factory=IdleHistogram)
+    """Idle times between calls, for `prewarm="auto"`."""
+    last_call_end: float | None = None
 
 
 @dataclass(eq=False)

@@ -45,18 +45,21 @@ class Decision:
     stop: tuple[str, ...] = ()
 
 
-def desired_workers(pool: PoolView, spec: ScalingSpec) -> int:
+def desired_workers(pool: PoolView, spec: ScalingSpec, floor: int | None = None) -> int:
+    """`floor` replaces `min_workers` when a warm schedule or pre-warming sets it
+    (`ember.core.prewarm.worker_floor`); it never goes past `max_workers`."""
     demand = math.ceil((pool.queued + pool.running) / spec.concurrency)
-    return max(spec.min_workers, min(spec.max_workers, demand + spec.buffer_workers))
+    lo = spec.min_workers if floor is None else min(floor, spec.max_workers)
+    return max(lo, min(spec.max_workers, demand + spec.buffer_workers))
 
 
-def decide(pool: PoolView, spec: ScalingSpec, now: float) -> Decision:
+def decide(pool: PoolView, spec: ScalingSpec, now: float, floor: int | None = None) -> Decision:
     live = [
         w
         for w in pool.workers
         if w.state in (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
     ]
-    desired = desired_workers(pool, spec)
+    desired = desired_workers(pool, spec, floor)
     if len(live) < desired:
         return Decision(start=desired - len(live))
     surplus = len(live) - desired

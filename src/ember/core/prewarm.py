@@ -35,6 +35,10 @@ from enum import StrEnum
 from functools import cached_property
 from itertools import accumulate
 from operator import mul
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # spec.py imports this module (for cron checks)
+    from ember.core.spec import ScalingSpec
 
 BIN_S = 60.0
 """Width of a histogram bin: one minute, as in the paper."""
@@ -431,3 +435,18 @@ def scheduled_min_workers(min_workers: int, warm_schedule: str | Cron | None, t:
     if warm_schedule is None or in_schedule(warm_schedule, t):
         return min_workers
     return 0
+
+
+def worker_floor(
+    spec: ScalingSpec,
+    hist: IdleHistogram,
+    last_call_end: float | None,
+    now: float,
+    local_time: datetime,
+) -> int:
+    """The fewest workers to keep now: `min_workers` (inside its warm schedule, if any), and one
+    warm worker while pre-warming predicts a call (`prewarm="auto"`). The autoscaler's floor."""
+    floor = scheduled_min_workers(spec.min_workers, spec.warm_schedule, local_time)
+    if spec.prewarm == "auto" and wants_worker(hist, last_call_end, now, spec.idle_timeout):
+        floor = max(floor, 1)
+    return floor

@@ -19,8 +19,6 @@ import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,11 +26,12 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from ember.testing import LocalServer, WorkersOutlived, pid_alive, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "core.json"
@@ -93,123 +92,31 @@ def summary(values_ms: list[float]) -> dict[str, float]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class BenchServer(LocalServer):
+    """`ember server` on a free port with a temporary data dir, plus what the benchmark needs:
+    plain httpx clients (the benchmark measures HTTP, not the SDK) and a deploy through the CLI."""
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-    return value
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
-
-
-class BenchServer:
     def __init__(self, root: Path, log_level: str = "warning") -> None:
+        super().__init__(root / "data", log_path=root / "server.log", log_level=log_level)
         self.root = root
-        self.data_dir = root / "data"
-        self.log_path = root / "server.log"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_level = log_level
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.token = ""
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "ember.cli.main", "server"),
-                    *("--port", str(self.port), "--data-dir", str(self.data_dir)),
-                    *("--log-level", self.log_level),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        wait_until(self._healthy, 30, f"{self.url}/v1/health", every=0.05)
-        self.token = (self.data_dir / "token").read_text().strip()
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"ember server exited with code {self.proc.returncode}")
-        try:
-            return httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def client(self) -> httpx.Client:
+    def http_client(self) -> httpx.Client:
+        """A fresh keep-alive httpx.Client on this server, with the token."""
         return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
 
     def deploy(self, source: str) -> None:
         path = self.root / "bench_app.py"
         path.write_text(source)
-        env = {**os.environ, "EMBER_URL": self.url, "EMBER_DATA_DIR": str(self.data_dir)}
         subprocess.run(
             [sys.executable, "-m", "ember.cli.main", "deploy", str(path)],
-            env=env,
+            env=self.env,
             check=True,
             capture_output=True,
         )
-
-    def workers_in_proc(self) -> set[int]:
-        marker = f"EMBER_BUNDLE={self.data_dir}".encode()
-        found = set()
-        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/environ", "rb") as f:
-                        if marker in f.read():
-                            found.add(int(entry))
-                except OSError:
-                    continue
-        return {p for p in found if pid_alive(p)}
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        seen = self.workers_in_proc()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:
-            wait_until(
-                lambda: not any(pid_alive(p) for p in seen | self.workers_in_proc()),
-                10,
-                "workers to exit",
-                every=0.05,
-            )
-        except TimeoutError:
-            left = sorted(p for p in seen | self.workers_in_proc() if pid_alive(p))
-            for pid in left:
-                os.kill(pid, signal.SIGKILL)
-            raise RuntimeError(f"workers outlived the server (killed now): {left}") from None
 
 
 def runsync_path(fn: str) -> str:
@@ -231,7 +138,7 @@ def bench_warm(server: BenchServer, n: int, warmup: int) -> dict[str, Any]:
     rtt: list[float] = []
     server_total: list[float] = []
     health: list[float] = []
-    with server.client() as client:
+    with server.http_client() as client:
         for _ in range(warmup):
             call(client, "noop")
             client.get("/v1/health")
@@ -267,7 +174,7 @@ def _threads_load(server: BenchServer, clients: int, duration: float) -> Load:
     stop_at = [0.0]
 
     def worker(i: int) -> None:
-        with server.client() as client:
+        with server.http_client() as client:
             call(client, "noop")  # open the connection before the clock starts
             start.wait()
             mine = latencies[i]
@@ -345,8 +252,7 @@ def bench_throughput(
     """`clients` closed-loop clients calling the no-op for `duration` seconds."""
     load = _threads_load if mode == "threads" else _asyncio_load
     assert server.proc is not None
-    with server.client() as c:
-        worker_pids = [w["pid"] for w in c.get("/v1/workers").json()["workers"] if w["pid"]]
+    worker_pids = [w["pid"] for w in server.workers() if w["pid"]]
     pids = {"server": [server.proc.pid], "workers": worker_pids}
     before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
     client_before = time.process_time()
@@ -383,11 +289,11 @@ def bench_cold(server: BenchServer, n: int) -> dict[str, Any]:
     e2e: list[float] = []
     cold_ms: list[float] = []
     total_ms: list[float] = []
-    with server.client() as client:
+    with server.http_client() as client:
         for i in range(n):
             pids = {w["pid"] for w in cold_workers(server, client) if w.get("pid")}
-            wait_until(lambda: not cold_workers(server, client), 30, "scale to zero")
-            wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "worker exit")  # noqa: B023
+            wait_for(lambda: not cold_workers(server, client), 30, 0.01, "scale to zero")
+            wait_for(lambda: not any(pid_alive(p) for p in pids), 30, 0.01, "worker exit")  # noqa: B023
             time.sleep(0.05)  # let the exiting process's last CPU work settle
             t0 = time.perf_counter()
             body = call(client, "cold")
@@ -476,14 +382,15 @@ def main() -> int:
                 min_workers=args.workers, max_workers=args.workers, concurrency=args.concurrency
             )
         )
-        with server.client() as c:
-            wait_until(
+        with server.http_client() as c:
+            wait_for(
                 lambda: (
                     c.get(f"/v1/apps/{APP}/noop/health").json()["workers"].get("idle", 0)
                     >= args.workers
                 ),
-                60,
-                "the no-op's workers",
+                timeout=60,
+                interval=0.01,
+                what="the no-op's workers",
             )
         log(f"warm: {warm_n} sequential calls")
         result["warm_runsync"] = bench_warm(server, warm_n, warmup=max(50, warm_n // 10))
@@ -494,13 +401,13 @@ def main() -> int:
         ok = True
     finally:
         try:
-            server.stop()
+            server.shutdown()
             result["workers_left_after_stop"] = 0
-        except RuntimeError as exc:
+        except WorkersOutlived as exc:
             ok = False
             log(str(exc))
         if not ok:
-            log(f"server log ({server.log_path}):\n{server.log_path.read_text()[-3000:]}")
+            log(f"server log ({server.log_path}):\n{server.log()[-3000:]}")
         else:
             shutil.rmtree(root, ignore_errors=True)
 

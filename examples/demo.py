@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,88 +20,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 import ember
+from ember.testing import LocalServer, wait_for, worker_pids
 
 HERE = Path(__file__).resolve().parent
 console = Console(highlight=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True  # no /proc (macOS): trust kill(pid, 0)
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-    return value
-
-
-class DemoServer:
-    """`ember server` as a subprocess: free port, temporary data dir, log in a file."""
+class DemoServer(LocalServer):
+    """`ember server` as a subprocess (free port, temporary data dir, log in a file), plus the
+    `ember` CLI pointed at it."""
 
     def __init__(self, root: Path) -> None:
-        self.data_dir = root / "data"
-        self.log_path = root / "server.log"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.worker_pids: set[int] = set()
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "ember.cli.main", "server"),
-                    *("--port", str(self.port), "--data-dir", str(self.data_dir)),
-                    *("--log-level", "warning"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_until(self._healthy, 30, f"GET {self.url}/v1/health")
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"ember server exited with code {self.proc.returncode}")
-        try:
-            return httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    @property
-    def token(self) -> str:
-        return (self.data_dir / "token").read_text().strip()
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What a client of this server needs: its URL, and its data dir for the token."""
-        return {**os.environ, "EMBER_URL": self.url, "EMBER_DATA_DIR": str(self.data_dir)}
+        super().__init__(root / "data", log_path=root / "server.log")
 
     def cli(self, *args: str) -> str:
         """Run `ember ARGS...` against this server and return what it printed."""
@@ -117,55 +50,6 @@ class DemoServer:
         if done.returncode != 0:
             raise RuntimeError(f"`ember {' '.join(args)}` failed:\n{done.stdout}{done.stderr}")
         return done.stdout
-
-    def workers(self) -> list[dict[str, Any]]:
-        """GET /v1/workers; remembers every pid seen, to check they are gone at the end."""
-        resp = httpx.get(
-            f"{self.url}/v1/workers",
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=10,
-        )
-        resp.raise_for_status()
-        workers: list[dict[str, Any]] = resp.json()["workers"]
-        self.worker_pids.update(w["pid"] for w in workers if w.get("pid"))
-        return workers
-
-    def stop(self) -> None:
-        """SIGTERM, wait for the server to exit, then make sure no worker outlived it."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                console.print("[red]server did not stop in 30 s: killing it[/red]")
-                self.proc.kill()
-                self.proc.wait()
-        self.worker_pids.update(self.workers_in_proc())
-        try:
-            wait_until(
-                lambda: not any(pid_alive(p) for p in self.worker_pids), 10, "workers to exit"
-            )
-        except TimeoutError:
-            left = sorted(p for p in self.worker_pids if pid_alive(p))
-            for pid in left:
-                os.kill(pid, signal.SIGKILL)
-            raise RuntimeError(f"workers outlived the server (killed now): {left}") from None
-
-    def workers_in_proc(self) -> set[int]:
-        """Workers carry EMBER_BUNDLE=<data dir>/... in their environment (Linux only)."""
-        marker = f"EMBER_BUNDLE={self.data_dir}".encode()
-        found = set()
-        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/environ", "rb") as f:
-                        if marker in f.read():
-                            found.add(int(entry))
-                except OSError:
-                    continue
-        return found
 
 
 class Calls:
@@ -261,10 +145,11 @@ def tour(server: DemoServer) -> None:
     console.print(f"list(slow_square.map(range(8))) = {results}")
     calls.add("slow_square.map(8 calls)", None, wall)
     # Each line a worker prints is logged with its job id and worker id.
-    lines = wait_until(
+    lines = wait_for(
         lambda: len(logs := slow_square.client.logs("hello", "slow_square")) >= 8 and logs,
-        10,
-        "the workers' log lines",
+        timeout=10,
+        interval=0.05,
+        what="the workers' log lines",
     )
     served = sorted({line["worker"] for line in lines})
     console.print(
@@ -326,9 +211,11 @@ def main() -> int:
         console.rule("[bold]9. stop the server")
         with contextlib.suppress(Exception):
             server.workers()  # remember their pids, to check that they are gone after the stop
-        with_workers = len(server.worker_pids | server.workers_in_proc())
+        with_workers = len(server.seen_workers | set(worker_pids(server.data_dir)))
         try:
-            server.stop()
+            # SIGTERM, SIGKILL after 30 s; then any worker still running is killed and an error.
+            if server.shutdown() == -signal.SIGKILL:
+                console.print("[red]server did not stop in 30 s: it was killed[/red]")
             workers = f"{with_workers} worker{'' if with_workers == 1 else 's'}"
             console.print(f"server stopped by SIGTERM; it had {workers}, none is left running")
         except Exception as exc:
@@ -338,7 +225,7 @@ def main() -> int:
             console.print("[yellow]interrupted[/yellow]")
             shutil.rmtree(root, ignore_errors=True)
         elif not ok:
-            tail = server.log_path.read_text(errors="replace")[-3000:]
+            tail = server.log()[-3000:]
             console.print(f"[red]demo failed; server log ({server.log_path}):[/red]\n{tail}")
         elif args.keep:
             console.print(f"data dir kept: {server.data_dir}")

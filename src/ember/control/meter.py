@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from ember.control.records import Worker
 from ember.core.metering import Phase, UsageRecord, make_record
@@ -78,7 +78,10 @@ class Meter:
     def end(self, w: Worker, now: float, exit_code: int | None, reason: str | None) -> None:
         if w.seg_phase is None:
             return
-        extra = rounding_ms((now - w.started_at) * 1000.0, self.prices.billing)
+        # Rounded up from what the worker's records bill (each rounded to the microsecond), so
+        # that their sum, not just the lifetime, comes to whole seconds.
+        billed = w.billed_ms + max(0.0, now - w.seg_start) * 1000.0
+        extra = rounding_ms(billed, self.prices.billing)
         self._cut(w, now, extra_billed_ms=extra)
         w.seg_phase = None
         self._ended.append({"wid": w.id, "t_end": now, "code": exit_code, "why": reason})
@@ -145,6 +148,7 @@ class Meter:
         )
         w.first_record = False
         w.seg_start = end
+        w.billed_ms += record.billed_ms
         self._records.append(_usage_row(record))
 
 
@@ -158,9 +162,10 @@ def round_up_orphans(conn: Connection, billing: str) -> None:
     if billing != "second":
         return
     w, u = tables.workers.c, tables.usage.c
-    orphans = conn.execute(select(w.id, w.started_at, w.metered_until).where(w.ended_at.is_(None)))
-    for wid, started_at, metered_until in orphans.all():
-        extra = rounding_ms((metered_until - started_at) * 1000.0, billing)
+    orphans = conn.execute(select(w.id).where(w.ended_at.is_(None))).scalars().all()
+    for wid in orphans:
+        billed = conn.execute(select(func.sum(u.billed_ms)).where(u.worker == wid)).scalar()
+        extra = rounding_ms(billed or 0.0, billing)
         last = conn.execute(
             select(u.id, u.billed_ms, u.usd)
             .where(u.worker == wid, u.billed_ms > 0)

@@ -159,6 +159,8 @@ class Worker:
     seg_phase: Phase | None = None
     metered_until: float = 0.0
     first_record: bool = False
+    billed_ms: float = 0.0
+    """What this worker's usage records have billed so far."""
     last_job_done: bool = False
 
     @property

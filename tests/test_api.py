@@ -7,8 +7,6 @@ deploy an app of their own, so no test depends on another.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Server, wait_for, worker_pids
+from conftest import Server, wait_for
 
 SOURCE = """
 import time
@@ -101,12 +99,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("api") / "data").start()
     server.deploy(SOURCE, filename="api_app.py")
     yield server
-    server.stop()
-    try:
-        wait_for(lambda: not worker_pids(server.data_dir), timeout=15, what="workers to exit")
-    finally:
-        for pid in worker_pids(server.data_dir):
-            os.kill(pid, signal.SIGKILL)
+    server.shutdown(timeout=15)  # fails the module if a worker outlives the server
     log = server.log()
     assert "unhandled error" not in log, f"the server hit an unhandled error:\n{log}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, free_port, wait_for, worker_pids
+from conftest import Server, free_port, wait_for
 
 SOURCE = """
 import time
@@ -69,12 +68,7 @@ COMMANDS = ["server", "deploy", "call", "job", "cancel", "apps", "logs"]
 def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("cli") / "data").start()
     yield server
-    server.stop()
-    try:
-        wait_for(lambda: not worker_pids(server.data_dir), timeout=15, what="workers to exit")
-    finally:
-        for pid in worker_pids(server.data_dir):
-            os.kill(pid, signal.SIGKILL)
+    server.shutdown(timeout=15)  # fails the module if a worker outlives the server
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 import ember
-from conftest import Server, wait_for, worker_pids
+from conftest import Server
 from ember.sdk.client import AsyncClient
 
 SOURCE = """
@@ -86,12 +85,7 @@ def sdk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("sdk") / "data").start()
     server.deploy(SOURCE, filename="sdk_app.py")
     yield server
-    server.stop()
-    try:
-        wait_for(lambda: not worker_pids(server.data_dir), timeout=15, what="workers to exit")
-    finally:
-        for pid in worker_pids(server.data_dir):
-            os.kill(pid, signal.SIGKILL)
+    server.shutdown(timeout=15)  # fails the module if a worker outlives the server
 
 
 # ----------------------------------------------------------------------------- decoration

@@ -303,7 +303,9 @@ def bench_cold(server: BenchServer, n: int) -> dict[str, Any]:
             if body["timings"]["cold_start_ms"] <= 0:
                 raise RuntimeError(f"round {i}: the call found a warm worker: {body['timings']}")
     return {
-        "what": "POST runsync with no worker running (idle_timeout=0), no template (plain process start)",
+        "what": "POST runsync with no worker running (idle_timeout=0); the worker is forked from "
+        "the function's template unless the server runs with EMBER_TEMPLATES=0 (plain start)",
+        "templates": os.environ.get("EMBER_TEMPLATES", "1") != "0",
         "n": n,
         "end_to_end": summary(e2e),
         "job_cold_start_ms": summary(cold_ms),

@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from stats import cpu_seconds, log, machine, summary
 
 from ember.testing import LocalServer, WorkersOutlived, pid_alive, wait_for
 
@@ -67,29 +65,6 @@ RAY_SERVE_REFERENCE: dict[str, Any] = {
     "throughput_calls_per_s": 270.0,
     "cold_start_s": [7.0, 17.0],
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def summary(values_ms: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(percentile(values_ms, 50), 3),
-        "p99_ms": round(percentile(values_ms, 99), 3),
-        "mean_ms": round(statistics.fmean(values_ms), 3) if values_ms else math.nan,
-        "min_ms": round(min(values_ms), 3) if values_ms else math.nan,
-        "max_ms": round(max(values_ms), 3) if values_ms else math.nan,
-    }
 
 
 class BenchServer(LocalServer):
@@ -236,16 +211,6 @@ def _asyncio_load(server: BenchServer, clients: int, duration: float) -> Load:
     return asyncio.run(run())
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(") ", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def bench_throughput(
     server: BenchServer, clients: int, duration: float, mode: str
 ) -> dict[str, Any]:
@@ -313,26 +278,10 @@ def bench_cold(server: BenchServer, n: int) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+def versions() -> dict[str, Any]:
     import ember
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "ember": ember.__version__,
-        "httpx": httpx.__version__,
-    }
+    return machine(ember=ember.__version__, httpx=httpx.__version__)
 
 
 def main() -> int:
@@ -368,7 +317,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "benchmark": "bench/core.py",
         "command": " ".join(["python", "bench/core.py", *sys.argv[1:]]),
-        "machine": machine(),
+        "machine": versions(),
         "noop_function": {
             "workers": args.workers,
             "concurrency": args.concurrency,

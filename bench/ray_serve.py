@@ -24,9 +24,7 @@ import contextlib
 import json
 import math
 import os
-import platform
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -40,6 +38,7 @@ import httpx
 import ray
 from ray import serve
 from starlette.requests import Request
+from stats import log, machine, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "ray_serve.json"
@@ -96,29 +95,6 @@ class Work:
         body = await request.json()
         time.sleep(0.02)
         return [body["input"]["i"], os.getpid()]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def summary(values_ms: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(percentile(values_ms, 50), 3),
-        "p99_ms": round(percentile(values_ms, 99), 3),
-        "mean_ms": round(statistics.fmean(values_ms), 3) if values_ms else math.nan,
-        "min_ms": round(min(values_ms), 3) if values_ms else math.nan,
-        "max_ms": round(max(values_ms), 3) if values_ms else math.nan,
-    }
 
 
 def free_port() -> int:
@@ -395,29 +371,16 @@ def bench_burst(url: str, n: int) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+def versions() -> dict[str, Any]:
     import starlette
     import uvicorn
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "ray": ray.__version__,
-        "httpx": httpx.__version__,
-        "uvicorn": uvicorn.__version__,
-        "starlette": starlette.__version__,
-    }
+    return machine(
+        ray=ray.__version__,
+        httpx=httpx.__version__,
+        uvicorn=uvicorn.__version__,
+        starlette=starlette.__version__,
+    )
 
 
 def main() -> int:
@@ -440,7 +403,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "benchmark": "bench/ray_serve.py",
         "command": " ".join(["python", "bench/ray_serve.py", *sys.argv[1:]]),
-        "machine": machine(),
+        "machine": versions(),
         "setup": {
             "ray_init": "ray.init(num_cpus=2, include_dashboard=False)",
             "http": f"Serve HTTP proxy on {url} (proxy_location=HeadOnly)",

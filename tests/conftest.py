@@ -18,7 +18,7 @@ import pytest
 import ember
 from ember.testing import LocalServer, WorkersOutlived, free_port, pid_alive, wait_for, worker_pids
 
-__all__ = ["Server", "free_port", "pid_alive", "wait_for", "worker_pids"]
+__all__ = ["Server", "free_port", "pid_alive", "result", "spawn", "wait_for", "worker_pids"]
 
 
 class Server(LocalServer):
@@ -46,6 +46,22 @@ class Server(LocalServer):
 
     def function(self, app: str, name: str) -> ember.Function:
         return ember.Function.lookup(app, name, client=self.client)
+
+
+def spawn(server: Server, app: str, fn: str, **input: Any) -> str:
+    """Queue a job through the API; its id."""
+    return str(server.client.run(app, fn, input)["id"])
+
+
+def result(server: Server, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    """The job's body once it has ended, however it ended."""
+
+    def done() -> dict[str, Any] | None:
+        body = server.client.get_job(job_id, wait=1)
+        return body if body["status"] not in ("IN_QUEUE", "IN_PROGRESS") else None
+
+    body: dict[str, Any] = wait_for(done, timeout=timeout, what=f"job {job_id} to end")
+    return body
 
 
 @pytest.fixture

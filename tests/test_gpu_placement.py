@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, free_port, pid_alive, wait_for
+from conftest import Server, free_port, pid_alive, result, spawn, wait_for
 
 GPUS = "L4:2,H100:1"
 L4_MIB, H100_MIB = 24 * 1024, 80 * 1024
@@ -54,19 +54,6 @@ def gpus(server: Server) -> list[dict[str, Any]]:
     [node] = nodes(server)
     result: list[dict[str, Any]] = node["gpus"]
     return result
-
-
-def spawn(server: Server, app: str, fn: str, **input: Any) -> str:
-    return str(server.client.run(app, fn, input)["id"])
-
-
-def result(server: Server, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        body = server.client.get_job(job_id, wait=1)
-        return body if body["status"] not in ("IN_QUEUE", "IN_PROGRESS") else None
-
-    body: dict[str, Any] = wait_for(done, timeout=timeout, what=f"job {job_id} to end")
-    return body
 
 
 def test_nodes_list_simulated_gpus_and_workers_see_only_their_own(

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, wait_for, worker_pids
+from conftest import Server, result, spawn, wait_for, worker_pids
 
 H100, L4 = 0.001097, 0.000222
 CPU, MEM = 0.0000131, 0.00000222
@@ -118,19 +118,6 @@ def slow() -> None:
 def stays() -> int:
     return os.getpid()
 """
-
-
-def spawn(server: Server, app: str, fn: str, **input: Any) -> str:
-    return str(server.client.run(app, fn, input)["id"])
-
-
-def result(server: Server, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        body = server.client.get_job(job_id, wait=1)
-        return body if body["status"] not in ("IN_QUEUE", "IN_PROGRESS") else None
-
-    body: dict[str, Any] = wait_for(done, timeout=timeout, what=f"job {job_id} to end")
-    return body
 
 
 def units(server: Server, unit: str) -> list[dict[str, Any]]:

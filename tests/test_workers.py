@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Server, pid_alive, wait_for
+import conftest
+from conftest import Server, pid_alive, spawn, wait_for
 
 TERMS = ("queue_ms", "cold_start_ms", "load_ms", "exec_ms", "post_ms")
 
@@ -27,16 +28,9 @@ def run(server: Server, app: str, fn: str, **input: Any) -> dict[str, Any]:
     return body
 
 
-def spawn(server: Server, app: str, fn: str, **input: Any) -> str:
-    return str(server.client.run(app, fn, input)["id"])
-
-
 def result(server: Server, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        body = server.client.get_job(job_id, wait=1)
-        return body if body["status"] not in ("IN_QUEUE", "IN_PROGRESS") else None
-
-    body: dict[str, Any] = wait_for(done, timeout=timeout, what=f"job {job_id} to end")
+    """The ended job's body, its timings checked."""
+    body = conftest.result(server, job_id, timeout)
     check_timings(body)
     return body
 

@@ -416,3 +416,12 @@ class TestSpec:
             FunctionSpec.from_dict({"scaling": [1]})
         with pytest.raises(SpecError, match="max_workers"):
             FunctionSpec.from_dict({"scaling": {"max_workers": -2}})
+
+
+def test_queued_jobs_fail_at_once_on_a_reported_startup_error_else_after_three() -> None:
+    from ember.core.jobs import fail_queued_on_startup_failure
+
+    assert fail_queued_on_startup_failure(1, reported_error=True)
+    assert not fail_queued_on_startup_failure(1, reported_error=False)
+    assert not fail_queued_on_startup_failure(2, reported_error=False)
+    assert fail_queued_on_startup_failure(3, reported_error=False)

@@ -27,7 +27,12 @@ from ember.control.meter import Meter, round_up_orphans
 from ember.control.records import AppState, FunctionMeta, Job, Pool, Worker
 from ember.core import autoscaler
 from ember.core.autoscaler import PoolView, WorkerState
-from ember.core.jobs import JobStatus, should_retry, startup_backoff
+from ember.core.jobs import (
+    JobStatus,
+    fail_queued_on_startup_failure,
+    should_retry,
+    startup_backoff,
+)
 from ember.core.metering import Phase, UsageRecord, group_key, job_cost, summarize
 from ember.core.placement import Allocation, Gpu, Never, Placed, Wait, place
 from ember.core.prewarm import worker_floor
@@ -42,7 +47,6 @@ log = logging.getLogger("ember.control")
 
 RECENT_JOBS = 4096
 TICK_S = 0.25
-STARTUP_FAILURES_BEFORE_FAILING_JOBS = 3
 
 
 class NotFoundError(LookupError):
@@ -805,7 +809,7 @@ class ControlPlane:
         log.warning(
             "worker %s of %s/%s failed to start: %s", w.id, pool.app, pool.unit, err["message"]
         )
-        if w.fatal is not None or pool.startup_failures >= STARTUP_FAILURES_BEFORE_FAILING_JOBS:
+        if fail_queued_on_startup_failure(pool.startup_failures, w.fatal is not None):
             error = {**err, "message": f"worker failed to start: {err['message']}"}
             while pool.queue:
                 self._finish(pool.queue.popleft(), JobStatus.FAILED, error=error)

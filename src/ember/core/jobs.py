@@ -23,6 +23,16 @@ def should_retry(attempts: int, retries: int) -> bool:
     return attempts <= retries
 
 
+STARTUP_FAILURES_BEFORE_FAILING_JOBS = 3
+
+
+def fail_queued_on_startup_failure(consecutive_failures: int, reported_error: bool) -> bool:
+    """Whether jobs waiting for a worker should fail now: at once when the worker said why it
+    could not start (an import error, an @enter hook that raised: starting another would fail
+    the same way), else after a few silent failures in a row (a crash we cannot explain)."""
+    return reported_error or consecutive_failures >= STARTUP_FAILURES_BEFORE_FAILING_JOBS
+
+
 def startup_backoff(consecutive_failures: int) -> float:
     """Seconds to wait before starting another worker after workers failed to start."""
     if consecutive_failures <= 0:

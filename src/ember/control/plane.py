@@ -879,8 +879,7 @@ class ControlPlane:
             w.load_ms = float(msg.get("load_ms", 0.0))
             if w.state is WorkerState.STARTING:
                 w.state = WorkerState.IDLE
-                w.idle_since = w.ready
-                w.last_used = w.ready
+                w.idle_since = w.ready  # last_used stays 0: warmest means it ran a job
             self.meter.switch(w, Phase.IDLE, time.time())
             w.pool.startup_failures = 0
             self._pump(w.pool)

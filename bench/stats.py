@@ -1,5 +1,6 @@
-"""What both benchmarks share (ember's and Ray Serve's): percentiles, summaries, CPU time, the
-machine. Standard library only, since bench/ray_serve.py runs in a virtualenv without ember."""
+"""What both benchmarks share (ember's and Ray Serve's): percentiles, summaries, CPU time, memory
+and parent of a process, the machine. Standard library only, since bench/ray_serve.py runs in a
+virtualenv without ember."""
 
 from __future__ import annotations
 
@@ -42,6 +43,59 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return math.nan
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent's pid (Linux /proc; None where there is none or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cmdline(pid: int) -> str:
+    """The command line of a process, space-separated ("" where it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+SMAPS_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
+SMAPS_ANON = ("Anonymous", "Pss_Anon")  # Pss_Anon: Linux >= 5.9
+
+
+def smaps_rollup(pid: int) -> dict[str, float] | None:
+    """A process's memory from /proc/PID/smaps_rollup, in MiB: `rss_mib`, `pss_mib` (each page
+    divided among the processes that map it), `shared_mib` (Shared_Clean + Shared_Dirty: pages
+    another process maps too), `private_mib` (Private_Clean + Private_Dirty), and where the kernel
+    has them `anon_mib` and `pss_anon_mib` (anonymous memory: the heap, where a loaded model lives,
+    not files such as shared libraries). None where it is unreadable (the process is gone, or no
+    Linux >= 4.14)."""
+    kib: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in SMAPS_FIELDS or key in SMAPS_ANON:
+                    kib[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if not set(SMAPS_FIELDS) <= set(kib):
+        return None
+    out = {
+        "rss_mib": kib["Rss"] / 1024,
+        "pss_mib": kib["Pss"] / 1024,
+        "shared_mib": (kib["Shared_Clean"] + kib["Shared_Dirty"]) / 1024,
+        "private_mib": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024,
+    }
+    if "Anonymous" in kib:
+        out["anon_mib"] = kib["Anonymous"] / 1024
+    if "Pss_Anon" in kib:
+        out["pss_anon_mib"] = kib["Pss_Anon"] / 1024
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def machine(**versions: str) -> dict[str, Any]:

@@ -18,12 +18,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ember.core.secrets import Redactor, secret_values
 from ember.worker import protocol
 
 current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -35,12 +36,30 @@ class Cancelled(BaseException):
     """Raised inside a job's thread to stop it; BaseException so `except Exception` lets it by."""
 
 
-def error_body(exc: BaseException) -> dict[str, Any]:
-    return {
+def error_body(exc: BaseException, redact: Redactor | None = None) -> dict[str, Any]:
+    """What the server learns of an exception; `redact` hides the function's secret values."""
+    body = {
         "type": type(exc).__name__,
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
     }
+    return body if redact is None else {k: redact.text(v) for k, v in body.items()}
+
+
+def output_json(value: Any, redact: Redactor | None = None) -> bytes:
+    """An output (a result or a streamed value) as JSON, with the function's secret values
+    hidden; raises TypeError or ValueError when it is not JSON-serialisable."""
+    if redact is not None:
+        value = redact.json(value)
+    return protocol.dumps_value(value).encode()
+
+
+def redactor_from_env(env: Mapping[str, str], also: Sequence[str] = ()) -> Redactor | None:
+    """The redactor of the secrets the server gave this process (EMBER_SECRET_KEYS) and of
+    `also`, or None when there is nothing to hide, so that the paths that send data skip
+    redaction entirely."""
+    redactor = Redactor([*secret_values(env), *also])
+    return redactor if redactor else None
 
 
 class _Capture(io.TextIOBase):
@@ -127,7 +146,12 @@ async def run_hooks(hooks: list[Callable[[], Any]]) -> None:
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], preloaded: Loaded | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        preloaded: Loaded | None = None,
+        secrets_seen: Sequence[str] = (),
+    ) -> None:
         self.preloaded = preloaded
         self.id = env["EMBER_WORKER_ID"]
         self.secret = env["EMBER_WORKER_SECRET"]
@@ -137,6 +161,9 @@ class Worker:
         self.app_name = env["EMBER_APP"]
         self.unit_name = env["EMBER_UNIT"]
         self.concurrency = int(env.get("EMBER_CONCURRENCY", "1"))
+        self.redact = redactor_from_env(env, secrets_seen)
+        """Applied to everything sent to the server that user code produced: log lines,
+        outputs, errors. None when the function has no secrets."""
         self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="job")
         self.targets: dict[str, tuple[Callable[..., Any], str]] = {}
         self.exit_hooks: list[Callable[[], Any]] = []
@@ -158,6 +185,8 @@ class Worker:
         self.loop.call_soon_threadsafe(self.send, msg)
 
     def log(self, job: str | None, stream: str, line: str) -> None:
+        if self.redact is not None:
+            line = self.redact.text(line)
         with self.logs_lock:
             self.logs.append([job, stream, line, time.time()])
 
@@ -194,18 +223,18 @@ class Worker:
             self.finish(job_id, {"status": "CANCELLED"}, t0)
             return
         except BaseException as exc:
-            self.finish(job_id, {"ok": False, "error": error_body(exc)}, t0)
+            self.finish(job_id, {"ok": False, "error": error_body(exc, self.redact)}, t0)
             return
         if kind in ("generator", "async_generator"):
             self.finish(job_id, {"ok": True}, t0)
             return
         try:
-            raw = protocol.dumps_value(output).encode()
+            raw = output_json(output, self.redact)
         except (TypeError, ValueError) as exc:
             err = TypeError(
                 f"the output of type {type(output).__name__} is not JSON-serialisable: {exc}"
             )
-            self.finish(job_id, {"ok": False, "error": error_body(err)}, t0)
+            self.finish(job_id, {"ok": False, "error": error_body(err, self.redact)}, t0)
             return
         self.finish(job_id, {"ok": True}, t0, raw={"output": raw})
 
@@ -228,9 +257,10 @@ class Worker:
 
     def send_output(self, job_id: str, value: Any) -> None:
         try:
-            raw = protocol.dumps_value(value).encode()
+            raw = output_json(value, self.redact)
         except (TypeError, ValueError):
-            raw = protocol._dumps(repr(value)).encode()
+            text = repr(value) if self.redact is None else self.redact.text(repr(value))
+            raw = protocol._dumps(text).encode()
         self.flush_logs()
         self.send({"t": "output", "job": job_id}, raw={"value": raw})
 
@@ -304,7 +334,7 @@ class Worker:
             load_ms = (time.perf_counter() - t0) * 1000.0
         except BaseException as exc:
             self.flush_logs()
-            self.send({"t": "fatal", "error": error_body(exc)})
+            self.send({"t": "fatal", "error": error_body(exc, self.redact)})
             await self.writer.drain()
             os._exit(1)
         self.send({"t": "ready", "load_ms": load_ms})
@@ -348,8 +378,10 @@ def _exit_with_server(server_pid: int, interval: float = 0.2) -> None:
             os._exit(0)
 
 
-def main(preloaded: Loaded | None = None) -> None:
-    """Run a worker: in a fresh process, or in a fork of a template (`preloaded`)."""
+def main(preloaded: Loaded | None = None, secrets_seen: Sequence[str] = ()) -> None:
+    """Run a worker: in a fresh process, or in a fork of a template (`preloaded`).
+    `secrets_seen`: secret values the template had when it started, hidden too even if user code
+    has since removed them from the environment (a token popped after a login, say)."""
     try:
         import uvloop
 
@@ -360,5 +392,5 @@ def main(preloaded: Loaded | None = None) -> None:
     threading.Thread(
         target=_exit_with_server, args=(server_pid,), name="ember-server-watch", daemon=True
     ).start()
-    worker = Worker(dict(os.environ), preloaded)
+    worker = Worker(dict(os.environ), preloaded, secrets_seen)
     asyncio.run(worker.serve())

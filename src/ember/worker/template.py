@@ -26,7 +26,8 @@ import traceback
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from ember.worker.runtime import Loaded, load_unit
+from ember.core.secrets import Redactor, secret_values
+from ember.worker.runtime import Loaded, load_unit, redactor_from_env
 
 
 def _reap(out: IO[str]) -> None:
@@ -40,12 +41,26 @@ def _reap(out: IO[str]) -> None:
         _send(out, {"t": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
+def _print_exc(exc: BaseException, redact: Redactor | None) -> str:
+    """Print the traceback of `exc` to this process's log, and return its one-line summary,
+    both with the function's secret values hidden."""
+    text = "".join(traceback.format_exception(exc))
+    summary = f"{type(exc).__name__}: {exc}"
+    if redact is not None:
+        text, summary = redact.text(text), redact.text(summary)
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    return summary
+
+
 def _send(out: IO[str], msg: dict[str, Any]) -> None:
     out.write(json.dumps(msg) + "\n")
     out.flush()
 
 
-def _become_worker(request: dict[str, Any], loaded: Loaded, private: list[int]) -> NoReturn:
+def _become_worker(
+    request: dict[str, Any], loaded: Loaded, private: list[int], secrets_seen: list[str]
+) -> NoReturn:
     """In the child: a new session, its own environment and output, then the worker runtime."""
     try:
         os.setsid()
@@ -60,9 +75,9 @@ def _become_worker(request: dict[str, Any], loaded: Loaded, private: list[int]) 
         os.close(log)
         from ember.worker import runtime
 
-        runtime.main(preloaded=loaded)
-    except BaseException:
-        traceback.print_exc()
+        runtime.main(preloaded=loaded, secrets_seen=secrets_seen)
+    except BaseException as exc:
+        _print_exc(exc, redactor_from_env(dict(os.environ), secrets_seen))
         os._exit(1)
     os._exit(0)
 
@@ -79,6 +94,8 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # an accidental CUDA call here fails, not a fork
+    # read before user code runs, which may take a secret out of the environment once used
+    secrets_seen = secret_values(os.environ)
     with contextlib.suppress(ImportError):  # imported once here, not in every fork
         import uvloop  # noqa: F401
     try:
@@ -90,8 +107,10 @@ def main() -> None:
             hook()
         ready_ms = (time.perf_counter() - t0) * 1000.0
     except BaseException as exc:
-        traceback.print_exc()
-        _send(proto_out, {"t": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        _send(
+            proto_out,
+            {"t": "failed", "error": _print_exc(exc, redactor_from_env({}, secrets_seen))},
+        )
         sys.exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -111,7 +130,7 @@ def main() -> None:
             request = json.loads(line)
             pid = os.fork()
             if pid == 0:
-                _become_worker(request, loaded, private)
+                _become_worker(request, loaded, private, secrets_seen)
             _send(proto_out, {"t": "forked", "worker": request["worker"], "pid": pid})
 
 

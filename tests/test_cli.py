@@ -364,4 +364,4 @@ def test_no_or_wrong_token_says_where_the_token_is(deployed: Server, tmp_path: P
     assert "token" in err and "401" in err
     proc = ember(deployed, "apps", token="wrong")
     assert proc.returncode == 1
-    assert "invalid token" in plain(proc.stderr)
+    assert "invalid or revoked token" in plain(proc.stderr)

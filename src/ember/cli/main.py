@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ember import config
+from ember.cli import admin
 from ember.errors import EmberError
 
 app = typer.Typer(
@@ -89,6 +90,11 @@ def server(
             "@enter(snap=True) hooks run once); --no-templates starts each worker as a new process"
         ),
     ] = os.environ.get("EMBER_TEMPLATES", "1") != "0",
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="PEM certificate: serve HTTPS (needed when --host is not loopback)"),
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run ember on this machine: the API, SQLite in the data dir, and local worker processes.
@@ -107,6 +113,8 @@ def server(
             gpus=gpus,
             price_file=prices,
             templates=templates,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
     except ServerConfigError as exc:
         _fail(exc)
@@ -267,22 +275,13 @@ def logs(
         return
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def _since(value: str | None) -> str | None:
-    """'7d', '12h', '30m' ago -> epoch seconds; anything else goes to the server as given."""
-    if not value:
-        return None
-    if value[:-1].replace(".", "", 1).isdigit() and value[-1] in _UNITS:
-        return str(time.time() - float(value[:-1]) * _UNITS[value[-1]])
-    return value
-
-
 @app.command()
 def usage(
     by: Annotated[
-        str, typer.Option("--by", help="group by: app, function, gpu, phase, or a tag name (team)")
+        str,
+        typer.Option(
+            "--by", help="group by: app, function, gpu, phase, policy, or a tag name (team)"
+        ),
     ] = "app",
     since: Annotated[
         str | None, typer.Option(help="'7d', '12h', '30m' ago, epoch seconds or ISO 8601")
@@ -294,14 +293,16 @@ def usage(
     """What was spent, grouped: GPU and CPU seconds, cost, cold starts, and the idle fraction
     (the share of GPU money spent on workers that waited for work)."""
     groups = [
-        g if g in ("app", "function", "gpu", "phase") or g.startswith("tag:") else f"tag:{g}"
+        g
+        if g in ("app", "function", "gpu", "phase", "policy") or g.startswith("tag:")
+        else f"tag:{g}"
         for g in (x.strip() for x in by.split(","))
         if g
     ]
     params = {
         "group_by": ",".join(groups),
-        "since": _since(since),
-        "until": _since(until),
+        "since": admin.ago(since, "--since"),
+        "until": admin.ago(until, "--until"),
         "granularity": granularity,
     }
     try:
@@ -375,6 +376,9 @@ def nodes() -> None:
                 ", ".join(f"{w['app']}/{w['unit']} {w['worker']}" for w in g["workers"]) or "free"
             )
             out.print(f"  {g['index']}: {g['type']} {g['memory_mib'] / 1024:g} GiB{label}: {held}")
+
+
+admin.register(app)  # workspace, token, policy, secret, audit, doctor
 
 
 def main() -> None:

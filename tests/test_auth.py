@@ -12,9 +12,10 @@ from conftest import Server
 
 
 def db_tokens(data_dir: Path) -> list[tuple[str, str]]:
+    """The live (not revoked) tokens; revoked ones stay in the table for the audit trail."""
     conn = sqlite3.connect(f"file:{data_dir / 'ember.db'}?mode=ro", uri=True)
     try:
-        return list(conn.execute("SELECT name, hash FROM tokens"))
+        return list(conn.execute("SELECT name, hash FROM tokens WHERE revoked_at IS NULL"))
     finally:
         conn.close()
 

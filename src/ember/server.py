@@ -66,12 +66,24 @@ def serve(
     gpus: str | None = None,
     price_file: Path | None = None,
     templates: bool = True,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if (tls_cert is None) != (tls_key is None):
+        raise ServerConfigError("give both --tls-cert and --tls-key, or neither")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            raise ServerConfigError(f"cannot read {path}: no such file")
     settings = Settings(
-        data_dir=data_dir, inventory=inventory(gpus), prices=prices(price_file), templates=templates
+        data_dir=data_dir,
+        inventory=inventory(gpus),
+        prices=prices(price_file),
+        templates=templates,
+        host=host,
+        tls=tls_cert is not None,
     )
     app = create_app(settings, max_payload=max_payload, db_url=db_url)
     config = uvicorn.Config(
@@ -82,10 +94,12 @@ def serve(
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
     )
     server = uvicorn.Server(config)
     print(
-        f"ember server on http://{host}:{port}  (data dir {data_dir}, token in {data_dir / TOKEN_FILE})",
+        f"ember server on {'https' if settings.tls else 'http'}://{host}:{port}  (data dir {data_dir}, token in {data_dir / TOKEN_FILE})",
         flush=True,
     )
     for line in describe(settings.inventory, settings.prices):

@@ -6,13 +6,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI, Request
 
 from ember import __version__
-from ember.api import errors
-from ember.api.auth import TokenCheck, ensure_token
+from ember.api import admin, errors
+from ember.api.auth import Auth, Principal, Tokens, ensure_token
 from ember.api.limits import PayloadLimit
-from ember.api.routes import public, router
+from ember.api.routes import audit, public, router
 from ember.config import TOKEN_FILE
 from ember.control.plane import ControlPlane, Settings
 from ember.store.db import make_engine, migrate, sqlite_url
@@ -26,7 +26,10 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     settings.data_dir.chmod(0o700)
     engine = make_engine(db_url or sqlite_url(settings.data_dir))
     migrate(engine)
-    hashes = ensure_token(engine, settings.data_dir)
+    for name in ("ember.db", "ember.db-wal", "ember.db-shm"):  # the umask may have been loose
+        if (settings.data_dir / name).exists():
+            (settings.data_dir / name).chmod(0o600)
+    ensure_token(engine, settings.data_dir)
     cp = ControlPlane(settings, engine)
 
     @asynccontextmanager
@@ -45,9 +48,22 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
         description="Deploy a Python function, call it over HTTP, scale to zero.",
     )
     app.state.plane = cp
+
+    def refused(request: Request, action: str, message: str) -> None:
+        who: Principal | None = getattr(request.state, "principal", None)
+        audit(
+            request,
+            who,
+            action,
+            "refused",
+            f"{request.method} {request.url.path}",
+            {"why": message},
+        )
+
+    app.state.auth = Auth(Tokens(engine, settings.data_dir / TOKEN_FILE), refused)
     errors.install(app)
-    check = TokenCheck(hashes, settings.data_dir / TOKEN_FILE)
     app.include_router(public)
-    app.include_router(router, dependencies=[Depends(check)])
+    app.include_router(router)
+    app.include_router(admin.router)
     app.add_middleware(PayloadLimit, max_bytes=max_payload)
     return app

@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 log = logging.getLogger("ember.api")
 
 
 class ApiException(StarletteHTTPException):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, extra: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(status_code=status, detail=message)
         self.code = code
+        self.message = message
+        self.extra = extra or {}
+        """More fields of the error object, e.g. a budget's figures on a 402."""
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(
+    status: int, code: str, message: str, extra: dict[str, Any] | None = None
+) -> JSONResponse:
+    body = {"code": code, "message": message, **(extra or {})}
+    return JSONResponse({"error": body}, status_code=status)
 
 
 def _code_for(status: int) -> str:
@@ -30,11 +41,32 @@ def _code_for(status: int) -> str:
         return "error"
 
 
+def _allowed(request: Request) -> list[str]:
+    """Every method the API serves at this path, from the OpenAPI document: Starlette's own Allow
+    names only the first route that matched the path, and GET and POST /v1/apps are two routes."""
+    app = request.app
+    table: list[tuple[re.Pattern[str], list[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = [
+            (compile_path(path)[0], sorted(m.upper() for m in ops))
+            for path, ops in app.openapi().get("paths", {}).items()
+        ]
+        app.state.allow_table = table
+    path = request.scope.get("path", "")
+    return sorted({m for pattern, ms in table if pattern.match(path) for m in ms})
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = getattr(exc, "code", None) or _code_for(exc.status_code)
-        return error_response(exc.status_code, code, str(exc.detail))
+        response = error_response(
+            exc.status_code, code, str(exc.detail), getattr(exc, "extra", None)
+        )
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(_allowed(request))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,19 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from ember.api import schemas
+from ember.api.auth import Principal, need_deploy, need_invoke, need_read
 from ember.api.errors import ApiException
 from ember.control.manifest import DeployError
-from ember.control.plane import ControlPlane, NotFoundError, UnplaceableError
+from ember.control.plane import (
+    BudgetBlocked,
+    ControlPlane,
+    NotFoundError,
+    PolicyDenied,
+    UnplaceableError,
+)
 from ember.control.records import InputError, Job
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
@@ -25,8 +33,25 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _body(model: type[BaseModel]) -> dict[str, Any]:
-    """Document a JSON body that the handler parses itself (for its own 400/422 messages)."""
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}}}
+    """Document a JSON body that the handler parses itself (for its own 400/422 messages); it
+    may be left out when none of its fields is required."""
+    schema = model.model_json_schema()
+    return {
+        "requestBody": {
+            "required": bool(schema.get("required")),
+            "content": {"application/json": {"schema": schema}},
+        },
+        "responses": {"400": _BAD_JSON},
+    }
+
+
+_BAD_JSON: dict[str, Any] = {
+    "description": "a request body that is not JSON, or not UTF-8",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+}
+_BUDGET: dict[int | str, dict[str, Any]] = {
+    402: {"model": schemas.ErrorBody, "description": "the token's policy is over budget"}
+}
 
 
 def plane(request: Request) -> ControlPlane:
@@ -76,9 +101,48 @@ async def _input_of(request: Request) -> Any:
     return body.get("input", {})
 
 
-def _submit(request: Request, app: str, fn: str, input: Any) -> tuple[Job, asyncio.Future[None]]:
+def audit(
+    request: Request,
+    who: Principal | None,
+    action: str,
+    outcome: str,
+    target: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    plane(request).audit.record(
+        workspace=who.workspace if who else None,
+        actor=who.actor if who else "anonymous",
+        action=action,
+        outcome=outcome,
+        target=target,
+        detail=detail,
+        ip=request.client.host if request.client else None,
+    )
+
+
+def _submit(
+    request: Request, who: Principal, app: str, fn: str, input: Any
+) -> tuple[Job, asyncio.Future[None]]:
     try:
-        return plane(request).submit(app, fn, input)
+        return plane(request).submit(
+            who.workspace, app, fn, input, policy=who.policy, token=who.token
+        )
+    except BudgetBlocked as exc:
+        b = exc.blocked
+        audit(request, who, "budget.block", "refused", f"{app}/{fn}", {"policy": who.policy})
+        raise ApiException(
+            402,
+            "budget_exceeded",
+            b.message,
+            {
+                "budget_usd": b.budget_usd,
+                "spent_usd": round(b.spent_usd, 6),
+                "reset_at": b.reset_at,
+            },
+        ) from None
+    except PolicyDenied as exc:
+        audit(request, who, "policy.deny", "refused", f"{app}/{fn}", {"policy": who.policy})
+        raise ApiException(403, "policy_denied", str(exc)) from None
     except NotFoundError as exc:
         raise _not_found(exc) from None
     except InputError as exc:
@@ -93,11 +157,14 @@ def _submit(request: Request, app: str, fn: str, input: Any) -> tuple[Job, async
     "/apps/{app}/{fn}/run",
     status_code=202,
     response_model=schemas.Accepted,
+    responses=_BUDGET,
     openapi_extra=_body(schemas.RunRequest),
 )
-async def run(request: Request, app: str, fn: str) -> Response:
+async def run(
+    request: Request, app: str, fn: str, who: Principal = Depends(need_invoke)
+) -> Response:
     """Queue a job; it is durable before this answers."""
-    job, durable = _submit(request, app, fn, await _input_of(request))
+    job, durable = _submit(request, who, app, fn, await _input_of(request))
     await durable
     return JSONResponse({"id": job.id, "status": "IN_QUEUE"}, status_code=202)
 
@@ -105,6 +172,10 @@ async def run(request: Request, app: str, fn: str) -> Response:
 @router.post(
     "/apps/{app}/{fn}/runsync",
     response_model=schemas.JobBody,
+    responses={
+        **_BUDGET,
+        202: {"model": schemas.JobBody, "description": "the job, still running after `wait` s"},
+    },
     openapi_extra=_body(schemas.RunRequest),
 )
 async def runsync(
@@ -112,9 +183,10 @@ async def runsync(
     app: str,
     fn: str,
     wait: float = Query(60.0, ge=0, le=3600, description="seconds to wait before answering 202"),
+    who: Principal = Depends(need_invoke),
 ) -> Response:
     """Run a job and answer with its body once it ends, or 202 after `wait` seconds."""
-    job, durable = _submit(request, app, fn, await _input_of(request))
+    job, durable = _submit(request, who, app, fn, await _input_of(request))
     try:
         await asyncio.wait_for(job.done.wait(), wait)
     except TimeoutError:
@@ -123,9 +195,9 @@ async def runsync(
     return JSONResponse(job.body())
 
 
-async def _job(request: Request, job_id: str) -> Job | dict[str, Any]:
+async def _job(request: Request, who: Principal, job_id: str) -> Job | dict[str, Any]:
     try:
-        return await plane(request).get_job(job_id)
+        return await plane(request).get_job(who.workspace, job_id)
     except NotFoundError as exc:
         raise _not_found(exc) from None
 
@@ -135,8 +207,9 @@ async def get_job(
     request: Request,
     job_id: str,
     wait: float = Query(0.0, ge=0, le=300, description="wait up to this long for the job to end"),
+    who: Principal = Depends(need_read),
 ) -> Response:
-    job = await _job(request, job_id)
+    job = await _job(request, who, job_id)
     if isinstance(job, dict):
         return JSONResponse(job)
     if wait > 0 and not job.status.terminal:
@@ -146,12 +219,17 @@ async def get_job(
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=schemas.JobBody)
-async def cancel_job(request: Request, job_id: str) -> Response:
+async def cancel_job(
+    request: Request, job_id: str, who: Principal = Depends(need_invoke)
+) -> Response:
     """Cancel a queued or running job; running code is interrupted, or its worker stopped."""
-    job = await _job(request, job_id)
+    job = await _job(request, who, job_id)
     if isinstance(job, dict):
+        audit(request, who, "job.cancel", "already_ended", job_id)
         return JSONResponse(job)
+    was = job.status.value
     plane(request).cancel(job)
+    audit(request, who, "job.cancel", "ok", job_id, {"was": was})
     return JSONResponse(job.body())
 
 
@@ -164,9 +242,11 @@ def _event(name: str, data: Any) -> bytes:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def stream_job(request: Request, job_id: str) -> StreamingResponse:
+async def stream_job(
+    request: Request, job_id: str, who: Principal = Depends(need_read)
+) -> StreamingResponse:
     """Server-sent events: one `output` per yielded value, then `done` with the job body."""
-    job = await _job(request, job_id)
+    job = await _job(request, who, job_id)
 
     async def events() -> AsyncIterator[bytes]:
         if isinstance(job, dict):
@@ -197,65 +277,76 @@ async def stream_job(request: Request, job_id: str) -> StreamingResponse:
     response_model=schemas.Deployed,
     openapi_extra=_body(schemas.DeployRequest),
 )
-async def deploy(request: Request) -> Response:
+async def deploy(request: Request, who: Principal = Depends(need_deploy)) -> Response:
     """Deploy (or redeploy) an app: a new immutable version; old workers drain."""
+    body = await json_body(request)
+    name = body.get("name") if isinstance(body, dict) else None
+    target = name if isinstance(name, str) else None
     try:
-        result = await plane(request).deploy(await json_body(request))
+        result = await plane(request).deploy(who.workspace, body)
     except DeployError as exc:
+        audit(request, who, "app.deploy", "invalid", target, {"error": str(exc)[:300]})
         raise ApiException(422, "invalid_deploy", str(exc)) from None
+    audit(request, who, "app.deploy", "ok", target, {"version": result["version"]})
     return JSONResponse(result, status_code=201)
 
 
-@router.get("/apps")
-async def list_apps(request: Request) -> Response:
-    apps = [a.describe() for a in sorted(plane(request).apps.values(), key=lambda a: a.name)]
+@router.get("/apps", response_model=schemas.AppList)
+async def list_apps(request: Request, who: Principal = Depends(need_read)) -> Response:
+    apps = [a.describe() for a in plane(request).apps_of(who.workspace)]
     return JSONResponse({"apps": apps})
 
 
-@router.get("/apps/{app}")
-async def get_app(request: Request, app: str) -> Response:
+@router.get("/apps/{app}", response_model=schemas.AppInfo)
+async def get_app(request: Request, app: str, who: Principal = Depends(need_read)) -> Response:
     try:
-        state, _ = plane(request).lookup(app)
+        state, _ = plane(request).lookup(who.workspace, app)
     except NotFoundError as exc:
         raise _not_found(exc) from None
     return JSONResponse(state.describe())
 
 
 @router.get("/apps/{app}/{fn}/health", response_model=schemas.Health)
-async def health(request: Request, app: str, fn: str) -> Response:
+async def health(
+    request: Request, app: str, fn: str, who: Principal = Depends(need_read)
+) -> Response:
     try:
-        return JSONResponse(plane(request).health(app, fn))
+        return JSONResponse(plane(request).health(who.workspace, app, fn))
     except NotFoundError as exc:
         raise _not_found(exc) from None
 
 
-@router.get("/apps/{app}/{fn}/logs")
+@router.get("/apps/{app}/{fn}/logs", response_model=schemas.LogLines)
 async def logs(
     request: Request,
     app: str,
     fn: str,
     tail: int = Query(100, ge=0, le=100_000),
     since: float = Query(0.0, ge=0),
+    who: Principal = Depends(need_read),
 ) -> Response:
     """Worker output of a function, each line with its job id."""
     cp = plane(request)
     try:
-        cp.lookup(app, fn)
+        cp.lookup(who.workspace, app, fn)
     except NotFoundError as exc:
         raise _not_found(exc) from None
-    lines = await asyncio.to_thread(cp.logs.read, app, fn, tail=tail, since=since)
+    key = f"{who.workspace}/{app}"
+    lines = await asyncio.to_thread(cp.logs.read, key, fn, tail=tail, since=since)
     return JSONResponse({"lines": lines})
 
 
-@router.get("/workers")
-async def workers(request: Request) -> Response:
-    return JSONResponse({"workers": [w.describe() for w in plane(request).workers.values()]})
+@router.get("/workers", response_model=schemas.WorkerList)
+async def workers(request: Request, who: Principal = Depends(need_read)) -> Response:
+    """The workspace's live workers."""
+    live = plane(request).workers_of(who.workspace)
+    return JSONResponse({"workers": [w.describe() for w in live]})
 
 
-@router.get("/nodes")
-async def nodes(request: Request) -> Response:
-    """GPUs of each node (simulated ones are labelled), and the workers on each."""
-    return JSONResponse({"nodes": plane(request).nodes()})
+@router.get("/nodes", response_model=schemas.NodeList)
+async def nodes(request: Request, who: Principal = Depends(need_read)) -> Response:
+    """GPUs of each node (simulated ones are labelled), and this workspace's workers on each."""
+    return JSONResponse({"nodes": plane(request).nodes(who.workspace)})
 
 
 def _time(value: str | None, name: str) -> float | None:
@@ -263,9 +354,13 @@ def _time(value: str | None, name: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number):
+            raise ApiException(422, "invalid_request", f"{name}={value!r} is not a finite time")
+        return number
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -277,21 +372,22 @@ def _time(value: str | None, name: str) -> float | None:
     return moment.timestamp()
 
 
-@router.get("/usage")
+@router.get("/usage", response_model=schemas.UsageGroups)
 async def usage(
     request: Request,
     group_by: str = Query(
-        "app", description="comma-separated: app, function, gpu, phase, tag:NAME"
+        "app", description="comma-separated: app, function, gpu, phase, policy, tag:NAME"
     ),
     since: str | None = Query(None, description="epoch seconds or ISO 8601"),
     until: str | None = Query(None, description="epoch seconds or ISO 8601"),
     granularity: str | None = Query(None, description="hour or day: one group per bucket"),
+    who: Principal = Depends(need_read),
 ) -> Response:
     """Metered usage and cost per group; `idle_fraction` is the share of GPU money spent waiting."""
     groups = [g.strip() for g in group_by.split(",") if g.strip()]
     try:
         result = await plane(request).usage(
-            groups, _time(since, "since"), _time(until, "until"), granularity or None
+            who.workspace, groups, _time(since, "since"), _time(until, "until"), granularity or None
         )
     except ValueError as exc:
         raise ApiException(422, "invalid_request", str(exc)) from None

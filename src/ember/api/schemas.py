@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+# What the handlers check, written down for the document (they do their own checks).
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""Workspace, token and secret names."""
+POLICY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""Policy and app names."""
+ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+"""Keys of a secret: environment variable names."""
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
 
 
 class RunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     input: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments of the function"
     )
@@ -51,6 +61,9 @@ class Accepted(BaseModel):
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    budget_usd: float | None = Field(None, description="402 only: the policy's budget")
+    spent_usd: float | None = Field(None, description="402 only: spent this period")
+    reset_at: float | None = Field(None, description="402 only: when the period resets")
 
 
 class ErrorBody(BaseModel):
@@ -64,11 +77,13 @@ class Health(BaseModel):
 
 
 class DeployRequest(BaseModel):
-    name: str
-    filename: str
+    name: str = Field(pattern=POLICY_NAME_PATTERN)
+    filename: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
     source: str
     tags: dict[str, str] = Field(default_factory=dict)
-    functions: list[dict[str, Any]]
+    functions: list[dict[str, Any]] = Field(
+        min_length=1, description="what `ember deploy` sends for each function"
+    )
 
 
 class Deployed(BaseModel):
@@ -78,9 +93,213 @@ class Deployed(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="e.g. a GPU no node has")
 
 
+class FunctionInfo(BaseModel):
+    name: str
+    unit: str
+    kind: str
+    params: dict[str, Any]
+    spec: dict[str, Any]
+
+
+class AppInfo(BaseModel):
+    name: str
+    tags: dict[str, str]
+    version: int
+    filename: str
+    functions: list[FunctionInfo]
+    created_at: float
+    updated_at: float
+
+
+class AppList(BaseModel):
+    apps: list[AppInfo]
+
+
+class WorkerList(BaseModel):
+    workers: list[dict[str, Any]] = Field(description="the workspace's live workers")
+
+
+class NodeList(BaseModel):
+    nodes: list[dict[str, Any]] = Field(description="GPUs of each node, simulated ones labelled")
+
+
+class UsageGroup(BaseModel):
+    key: dict[str, Any] = Field(description="the values of the group_by fields")
+    start: float | None = Field(None, description="the bucket's start, with a granularity")
+    cost_usd: float
+    gpu_seconds: float
+    cpu_seconds: float
+    cold_starts: int
+    idle_fraction: float
+
+
+class UsageGroups(BaseModel):
+    groups: list[UsageGroup]
+
+
+class LogLines(BaseModel):
+    lines: list[dict[str, Any]] = Field(description="each with its time and job id")
+
+
+class WorkspaceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    scope: Literal["read", "invoke", "deploy", "admin"] = "read"
+    policy: str | None = Field(None, description="the name of a policy of the workspace")
+    expires_in: float | None = Field(
+        None, gt=0, le=10 * 365 * 86400, description="seconds until the token expires"
+    )
+
+
+class PolicyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=POLICY_NAME_PATTERN)
+    tags: dict[str, str] | None = None
+    budget_usd: float | None = Field(None, ge=0, description="US dollars per period")
+    period: Literal["day", "week", "month"] = "month"
+    action: Literal["alert", "block"] = Field(
+        "alert", description="block needs a budget_usd to block at"
+    )
+    max_gpus: int | None = Field(None, ge=0)
+    allowed_gpus: list[str] | str | None = Field(
+        None, description="GPU types, as a list or comma-separated: ['L4', 'A10G'] or 'L4,A10G'"
+    )
+    webhook: str | None = Field(None, description="an http(s) URL that gets a POST on alerts")
+
+
+class SecretRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    values: dict[str, str] = Field(
+        min_length=1,
+        max_length=100,
+        description="KEY=VALUE pairs for the environment (not EMBER_*, PATH, HOME, ...)",
+        json_schema_extra={"propertyNames": {"pattern": ENV_KEY_PATTERN}},
+    )
+
+
+class WorkspaceCreated(BaseModel):
+    workspace: str
+    token_name: str
+    scope: str
+    token: str = Field(description="shown in this answer only")
+
+
+class Workspace(BaseModel):
+    name: str
+    created_at: float
+
+
+class Workspaces(BaseModel):
+    workspaces: list[Workspace]
+
+
+class TokenCreated(BaseModel):
+    name: str
+    scope: str
+    policy: str | None
+    created_at: float
+    expires_at: float | None
+    token: str = Field(description="shown in this answer only")
+
+
+class TokenInfo(BaseModel):
+    name: str
+    scope: str
+    policy: str | None
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    bootstrap: bool = False
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenInfo]
+
+
+class Revoked(BaseModel):
+    name: str
+    revoked_at: float
+
+
+class PolicyStatus(BaseModel):
+    name: str
+    tags: dict[str, str]
+    budget_usd: float | None
+    period: Literal["day", "week", "month"]
+    action: Literal["alert", "block"]
+    max_gpus: int | None
+    allowed_gpus: list[str] | None
+    webhook: str | None
+    created_at: float | None = None
+    spent_usd: float = Field(description="spent in the current period")
+    period_start: float
+    reset_at: float
+    blocked: bool
+    gpus_held: int = 0
+
+
+class PolicyList(BaseModel):
+    policies: list[PolicyStatus]
+
+
+class Deleted(BaseModel):
+    name: str
+    deleted: bool
+
+
+class SecretInfo(BaseModel):
+    name: str
+    keys: list[str] = Field(description="the key names; values never leave the server")
+    created_at: float
+    updated_at: float
+    used_by: list[str] = Field(default_factory=list, description="APP/FUNCTION naming it")
+
+
+class SecretList(BaseModel):
+    secrets: list[SecretInfo]
+
+
+class AuditEvent(BaseModel):
+    id: int
+    ts: float
+    workspace: str | None
+    actor: str
+    action: str
+    target: str | None
+    outcome: str
+    detail: dict[str, Any] | None
+    ip: str | None
+
+
+class AuditEvents(BaseModel):
+    events: list[AuditEvent]
+
+
+class Finding(BaseModel):
+    code: str
+    severity: Literal["high", "medium", "low"]
+    message: str
+    fix: str
+
+
+class Findings(BaseModel):
+    findings: list[Finding]
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "missing or wrong token"},
+    401: {"model": ErrorBody, "description": "missing, wrong, revoked or expired token"},
+    403: {"model": ErrorBody, "description": "the token's scope or policy does not allow this"},
     404: {"model": ErrorBody, "description": "unknown app, function or job"},
+    409: {"model": ErrorBody, "description": "clashes with what exists"},
     413: {"model": ErrorBody, "description": "request body over the payload limit"},
     422: {"model": ErrorBody, "description": "input that does not fit"},
 }

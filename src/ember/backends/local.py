@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.core.placement import Gpu
@@ -36,6 +36,17 @@ class Launch:
     concurrency: int
     gpus: tuple[Gpu, ...] = ()
     gpu_memory_mib: int | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """The function's secrets (and EMBER_SECRET_KEYS naming them)."""
+
+
+SERVER_ONLY = ("EMBER_MASTER_KEY", "EMBER_TOKEN")
+"""Variables of the server's environment that user code must never see."""
+
+
+def base_env() -> dict[str, str]:
+    """The server's environment without what is the server's alone."""
+    return {k: v for k, v in os.environ.items() if k not in SERVER_ONLY}
 
 
 def gpu_env(gpus: tuple[Gpu, ...], gpu_memory_mib: int | None) -> dict[str, str]:
@@ -191,23 +202,31 @@ class LocalBackend:
             "EMBER_SERVER_PID": str(os.getpid()),
             "PYTHONUNBUFFERED": "1",
             **gpu_env(launch.gpus, launch.gpu_memory_mib),
+            **launch.env,
         }
 
-    async def prepare(self, bundle: Path, app: str, unit: str) -> None:
-        """Start the template of a function version, so that later workers fork from it."""
+    async def prepare(
+        self, bundle: Path, app: str, unit: str, secrets: dict[str, str] | None = None
+    ) -> None:
+        """Start the template of a function version, so that later workers fork from it.
+
+        Its secrets are in its environment from the start, as they would be in a plainly started
+        worker: the user's module may read them at import."""
         key = (str(bundle), unit)
         if not self.use_templates or key in self.templates:
             return
+        workspace = bundle.parent.parent.parent.name
         env = {
-            **os.environ,
+            **base_env(),
             "EMBER_BUNDLE": str(bundle),
             "EMBER_APP": app,
             "EMBER_UNIT": unit,
             "EMBER_TEMPLATE_LOG": str(
-                self.log_dir / f"template-{app}-{unit}-{bundle.parent.name}.log"
+                self.log_dir / f"template-{workspace}-{app}-{unit}-{bundle.parent.name}.log"
             ),
             "EMBER_SERVER_PID": str(os.getpid()),
             "PYTHONUNBUFFERED": "1",
+            **(secrets or {}),
         }
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -249,7 +268,8 @@ class LocalBackend:
                 return await template.fork(launch, env, log_path)
             except (TemplateError, TimeoutError, OSError) as exc:
                 log.warning("template could not fork (%s); starting the worker plainly", exc)
-        with open(log_path, "ab") as out:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -257,7 +277,7 @@ class LocalBackend:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
-                env={**os.environ, **env},
+                env={**base_env(), **env},
                 cwd=str(launch.bundle.parent),
                 start_new_session=True,
             )

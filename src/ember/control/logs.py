@@ -1,4 +1,5 @@
-"""Worker output, one JSON line per printed line, tagged with its job id, in `logs/APP.jsonl`."""
+"""Worker output, one JSON line per printed line, tagged with its job id, in
+`logs/WORKSPACE/APP.jsonl` (callers name an app `WORKSPACE/APP`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ class LogStore:
     def append(self, app: str, function: str, record: dict[str, Any]) -> None:
         f = self._files.get(app)
         if f is None:
-            f = self._files[app] = open(self.path(app), "a", encoding="utf-8")  # noqa: SIM115
+            path = self.path(app)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = self._files[app] = open(path, "a", encoding="utf-8")  # noqa: SIM115
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:

@@ -35,9 +35,9 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         m.get("source"),
         m.get("functions"),
     )
-    if not isinstance(name, str) or not APP_NAME_RE.match(name):
+    if not isinstance(name, str) or not APP_NAME_RE.fullmatch(name):
         raise DeployError("'name' must be 1-64 characters of letters, digits, '_', '.', '-'")
-    if not isinstance(filename, str) or not FILENAME_RE.match(filename):
+    if not isinstance(filename, str) or not FILENAME_RE.fullmatch(filename):
         raise DeployError("'filename' must be a Python module file name such as 'hello.py'")
     if not isinstance(source, str):
         raise DeployError("'source' must be the text of the file")
@@ -53,7 +53,7 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         if not isinstance(f, dict):
             raise DeployError("each entry of 'functions' must be an object")
         fname, unit, kind, params = f.get("name"), f.get("unit"), f.get("kind"), f.get("params")
-        if not isinstance(fname, str) or not FN_NAME_RE.match(fname):
+        if not isinstance(fname, str) or not FN_NAME_RE.fullmatch(fname):
             raise DeployError(f"function name {fname!r} must be NAME or Class.method")
         if fname in seen:
             raise DeployError(f"function {fname!r} appears twice")

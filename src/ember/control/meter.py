@@ -12,7 +12,7 @@ and a handful of writes per second however many jobs run.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
@@ -41,13 +41,19 @@ def _usage_row(r: UsageRecord) -> dict[str, Any]:
         "usd": r.usd,
         "tags": json.dumps(dict(r.tags)),
         "starts": r.starts,
+        "workspace": r.workspace,
+        "policy": r.policy,
     }
 
 
 class Meter:
-    def __init__(self, writer: Writer, prices: PriceTable) -> None:
+    def __init__(
+        self, writer: Writer, prices: PriceTable, spend: Callable[[UsageRecord], None]
+    ) -> None:
         self.writer = writer
         self.prices = prices
+        self.spend = spend
+        """Called with every record as it is cut: the policies' budgets count it at once."""
         self._new_workers: list[dict[str, Any]] = []
         self._records: list[dict[str, Any]] = []
         self._ended: list[dict[str, Any]] = []
@@ -66,6 +72,8 @@ class Meter:
                 "gpus": json.dumps(list(w.gpus)),
                 "started_at": now,
                 "metered_until": now,
+                "workspace": w.pool.workspace,
+                "policy": w.pool.policy,
             }
         )
 
@@ -145,7 +153,11 @@ class Meter:
             tags=w.tags,
             starts=1 if w.first_record else 0,
             extra_billed_ms=extra_billed_ms,
+            workspace=w.pool.workspace,
+            policy=w.pool.policy,
         )
+        if record.policy is not None:
+            self.spend(record)
         w.first_record = False
         w.seg_start = end
         w.billed_ms += record.billed_ms

@@ -7,6 +7,7 @@ splits into terms, whether to retry) are delegated to `ember.core`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
@@ -18,15 +19,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
 from ember.backends.local import Launch, LocalBackend
+from ember.control.audit import AuditLog
 from ember.control.logs import LogStore
-from ember.control.manifest import validate_manifest
+from ember.control.manifest import DeployError, validate_manifest
 from ember.control.meter import Meter, round_up_orphans
+from ember.control.policies import PolicyBook, Spend, alert_payload, mark_alerted, post_webhook
 from ember.control.records import AppState, FunctionMeta, Job, Pool, Worker
+from ember.control.vault import Vault
 from ember.core import autoscaler
 from ember.core.autoscaler import PoolView, WorkerState
+from ember.core.budgets import (
+    Blocked,
+    Policy,
+    PolicyError,
+    admit,
+    alert_due,
+    allowed_request,
+    gpu_cap,
+    gpu_cap_never,
+    period_bounds,
+)
 from ember.core.jobs import (
     JobStatus,
     fail_queued_on_startup_failure,
@@ -36,8 +51,8 @@ from ember.core.jobs import (
 from ember.core.metering import Phase, UsageRecord, group_key, job_cost, summarize
 from ember.core.placement import Allocation, Gpu, Never, Placed, Wait, place
 from ember.core.prewarm import worker_floor
-from ember.core.pricing import DEFAULT_CPU, DEFAULT_MEMORY_GIB, PriceTable, Resources
-from ember.core.spec import FunctionSpec
+from ember.core.pricing import DEFAULT_CPU, DEFAULT_MEMORY_GIB, PriceTable, Resources, rate
+from ember.core.spec import FunctionSpec, GpuRequest
 from ember.core.timings import job_timings
 from ember.store import tables
 from ember.store.writer import Writer, execute
@@ -59,6 +74,22 @@ class UnplaceableError(ValueError):
     """No GPU in the inventory could ever run this function (HTTP 422)."""
 
 
+class ConflictError(Exception):
+    """The request clashes with what exists (HTTP 409)."""
+
+
+class PolicyDenied(PermissionError):
+    """The caller's usage policy does not allow this call (HTTP 403)."""
+
+
+class BudgetBlocked(Exception):
+    """The caller's policy has spent its budget for the period (HTTP 402)."""
+
+    def __init__(self, blocked: Blocked) -> None:
+        super().__init__(blocked.message)
+        self.blocked = blocked
+
+
 @dataclass
 class Settings:
     data_dir: Path
@@ -70,17 +101,27 @@ class Settings:
     """How often open usage segments are written: the most metering a kill -9 can lose."""
     templates: bool = True
     """Fork workers from a pre-initialised template per function version."""
+    host: str = "127.0.0.1"
+    tls: bool = False
+    """Where the API listens and whether with TLS: facts for `ember doctor`."""
 
 
 class ControlPlane:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
-        self.apps: dict[str, AppState] = {}
+        self.apps: dict[tuple[str, str], AppState] = {}
+        """(workspace, app name) -> the app's current version."""
         self.jobs: dict[str, Job] = {}
         self.recent: OrderedDict[str, Job] = OrderedDict()
         self.workers: dict[str, Worker] = {}
-        self.counts: dict[tuple[str, str], Counter[str]] = {}
+        self.counts: dict[tuple[str, str, str], Counter[str]] = {}
+        self.policies = PolicyBook()
+        self.spend = Spend()
+        self.audit = AuditLog(engine)
+        self.vault = Vault.load(settings.data_dir)
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        """(workspace, name) -> the secret's values, decrypted once at load or set."""
         self.backend = LocalBackend(
             settings.data_dir / "logs" / "workers", templates=settings.templates
         )
@@ -93,14 +134,19 @@ class ControlPlane:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.writer = Writer(self.engine, self.loop)
-        self.meter = Meter(self.writer, self.settings.prices)
+        self.audit.writer = self.writer
+        self.meter = Meter(
+            self.writer,
+            self.settings.prices,
+            lambda r: self.spend.add((r.workspace, r.policy or ""), r.start, r.usd),
+        )
         self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.control_addr = f"{host}:{port}"
         self._requeue_pending(await asyncio.to_thread(self._load))
         for app in self.apps.values():
             await self._prepare(app)
-            for pool in app.pools.values():
+            for pool in app.all_pools():
                 self._pump(pool)
                 self._scale(pool)
         self._spawn(self._tick_forever())
@@ -138,12 +184,13 @@ class ControlPlane:
         while True:
             await asyncio.sleep(TICK_S)
             for app in list(self.apps.values()):
-                for pool in app.pools.values():
+                for pool in app.all_pools():
                     self._scale(pool)
             self.logs.flush()
             if time.monotonic() - last_checkpoint >= self.settings.checkpoint_s:
                 last_checkpoint = time.monotonic()
                 self.checkpoint()
+                self._check_budgets()
 
     def checkpoint(self) -> None:
         """Write every live worker's open usage segment up to now."""
@@ -167,18 +214,27 @@ class ControlPlane:
                 .where(tables.workers.c.ended_at.is_(None))
                 .values(ended_at=tables.workers.c.metered_until, stop_reason="server stopped")
             )
+            self.policies.load(conn)
+            self.spend.load(conn, time.time())
+            for row in conn.execute(select(tables.secrets)).mappings():
+                self.secrets[(row["workspace"], row["name"])] = self.vault.decrypt(
+                    row["ciphertext"]
+                )
             for row in conn.execute(select(tables.apps)).mappings():
+                v = tables.versions.c
                 ver = (
                     conn.execute(
                         select(tables.versions).where(
-                            tables.versions.c.app == row["name"],
-                            tables.versions.c.version == row["current_version"],
+                            v.workspace == row["workspace"],
+                            v.app == row["name"],
+                            v.version == row["current_version"],
                         )
                     )
                     .mappings()
                     .one()
                 )
-                self.apps[row["name"]] = self._build_app(
+                self.apps[(row["workspace"], row["name"])] = self._build_app(
+                    row["workspace"],
                     row["name"],
                     json.loads(row["tags"]),
                     ver["version"],
@@ -188,13 +244,14 @@ class ControlPlane:
                     row["created_at"],
                     row["updated_at"],
                 )
+            j = tables.jobs.c
             counts = conn.execute(
-                select(
-                    tables.jobs.c.app, tables.jobs.c.function, tables.jobs.c.status, func.count()
-                ).group_by(tables.jobs.c.app, tables.jobs.c.function, tables.jobs.c.status)
+                select(j.workspace, j.app, j.function, j.status, func.count()).group_by(
+                    j.workspace, j.app, j.function, j.status
+                )
             ).all()
-            for app, fn, status, n in counts:
-                self.counts.setdefault((app, fn), Counter())[status] += n
+            for ws, app, fn, status, n in counts:
+                self.counts.setdefault((ws, app, fn), Counter())[status] += n
             return list(
                 conn.execute(
                     select(tables.jobs)
@@ -217,8 +274,12 @@ class ControlPlane:
                 created_at=row["created_at"],
                 created=now - max(0.0, now_wall - row["created_at"]),
                 attempts=row["attempts"],
+                workspace=row["workspace"],
+                policy=row["policy"],
+                token=row["token"],
+                tags=json.loads(row["tags"]) if row["tags"] else {},
             )
-            app_state = self.apps.get(job.app)
+            app_state = self.apps.get((job.workspace, job.app))
             meta = app_state.functions.get(job.function) if app_state else None
             self.jobs[job.id] = job
             if app_state is None or meta is None:
@@ -231,7 +292,7 @@ class ControlPlane:
                 )
                 continue
             job.unit, job.kind = meta.unit, meta.kind
-            app_state.pools[meta.unit].queue.append(job)
+            app_state.pool(meta.unit, job.policy).queue.append(job)
             requeued += 1
         if requeued:
             log.warning("requeued %d job(s) accepted before the last stop", requeued)
@@ -239,6 +300,7 @@ class ControlPlane:
     # ----------------------------------------------------------------- apps
     def _build_app(
         self,
+        workspace: str,
         name: str,
         tags: dict[str, str],
         version: int,
@@ -248,7 +310,7 @@ class ControlPlane:
         created_at: float,
         updated_at: float,
     ) -> AppState:
-        bundle = self.settings.data_dir / "bundles" / name / f"v{version}" / filename
+        bundle = self.settings.data_dir / "bundles" / workspace / name / f"v{version}" / filename
         if not bundle.exists() or bundle.read_text() != source:
             bundle.parent.mkdir(parents=True, exist_ok=True)
             bundle.write_text(source)
@@ -258,27 +320,72 @@ class ControlPlane:
             spec = FunctionSpec.from_dict(f["spec"])
             metas[f["name"]] = FunctionMeta(f["name"], f["unit"], f["kind"], f["params"], spec)
             if f["unit"] not in pools:
-                pools[f["unit"]] = Pool(name, version, f["unit"], spec, bundle)
-        return AppState(name, tags, version, filename, metas, pools, created_at, updated_at)
+                pools[f["unit"]] = Pool(
+                    name,
+                    version,
+                    f["unit"],
+                    spec,
+                    bundle,
+                    workspace=workspace,
+                    env=self._secret_env(workspace, spec.secrets),
+                )
+        return AppState(
+            name, tags, version, filename, metas, pools, created_at, updated_at, workspace
+        )
 
-    async def deploy(self, manifest: Any) -> dict[str, Any]:
+    def _secret_env(self, workspace: str, names: tuple[str, ...]) -> dict[str, str]:
+        """The environment a function's secrets give its workers; EMBER_SECRET_KEYS tells the
+        worker which variables to redact from what it reports."""
+        env: dict[str, str] = {}
+        for name in names:
+            env.update(self.secrets.get((workspace, name), {}))
+        if env:
+            env["EMBER_SECRET_KEYS"] = ",".join(sorted(env))
+        return env
+
+    async def deploy(self, workspace: str, manifest: Any) -> dict[str, Any]:
         m = validate_manifest(manifest)
         name, now = m["name"], time.time()
-        old = self.apps.get(name)
+        for f in m["functions"]:
+            for secret in f["spec"].get("secrets") or ():
+                if (workspace, secret) not in self.secrets:
+                    raise DeployError(
+                        f"{f['name']}: no secret named {secret!r} in workspace {workspace!r}; "
+                        f"create it first with `ember secret set {secret} KEY=VALUE`"
+                    )
+        old = self.apps.get((workspace, name))
         version = old.version + 1 if old else 1
         created_at = old.created_at if old else now
         app = self._build_app(
-            name, m["tags"], version, m["filename"], m["source"], m["functions"], created_at, now
+            workspace,
+            name,
+            m["tags"],
+            version,
+            m["filename"],
+            m["source"],
+            m["functions"],
+            created_at,
+            now,
         )
 
         def write(conn: Connection) -> None:
             values = {"tags": json.dumps(m["tags"]), "current_version": version, "updated_at": now}
+            a = tables.apps.c
             if old is None:
-                conn.execute(insert(tables.apps).values(name=name, created_at=now, **values))
+                conn.execute(
+                    insert(tables.apps).values(
+                        workspace=workspace, name=name, created_at=now, **values
+                    )
+                )
             else:
-                conn.execute(update(tables.apps).where(tables.apps.c.name == name).values(**values))
+                conn.execute(
+                    update(tables.apps)
+                    .where(a.workspace == workspace, a.name == name)
+                    .values(**values)
+                )
             conn.execute(
                 insert(tables.versions).values(
+                    workspace=workspace,
                     app=name,
                     version=version,
                     filename=m["filename"],
@@ -289,11 +396,11 @@ class ControlPlane:
             )
 
         await self.writer.submit(write)
-        self.apps[name] = app
+        self.apps[(workspace, name)] = app
         await self._prepare(app)
         if old is not None:
             self._retire(old, app)
-        for pool in app.pools.values():
+        for pool in app.all_pools():
             self._pump(pool)
             self._scale(pool)
         return {
@@ -318,16 +425,17 @@ class ControlPlane:
         """Start a template per unit; until one is ready, workers start plainly."""
         for unit, pool in app.pools.items():
             try:
-                await self.backend.prepare(pool.bundle, app.name, unit)
+                await self.backend.prepare(pool.bundle, app.name, unit, pool.env)
             except OSError as exc:
                 log.warning("no template for %s/%s: %s", app.name, unit, exc)
 
     def _retire(self, old: AppState, new: AppState) -> None:
         """A redeploy: queued jobs move to the new version, old workers drain."""
-        for pool in old.pools.values():
+        for pool in old.all_pools():
             pool.active = False
             self.backend.retire(pool.bundle, pool.unit)
-            if (successor := new.pools.get(pool.unit)) is not None:  # call history carries over
+            if pool.unit in new.pools:  # call history carries over
+                successor = new.pool(pool.unit, pool.policy)
                 successor.hist, successor.last_call_end = pool.hist, pool.last_call_end
             while pool.queue:
                 job = pool.queue.popleft()
@@ -343,14 +451,23 @@ class ControlPlane:
                     )
                     continue
                 job.unit, job.kind = meta.unit, meta.kind
-                new.pools[meta.unit].queue.append(job)
+                new.pool(meta.unit, job.policy).queue.append(job)
             for w in list(pool.workers.values()):
                 self._drain(w, reason=f"redeployed as v{new.version}")
 
-    def lookup(self, app: str, fn: str | None = None) -> tuple[AppState, FunctionMeta | None]:
-        state = self.apps.get(app)
+    def apps_of(self, workspace: str) -> list[AppState]:
+        return sorted(
+            (a for (ws, _), a in self.apps.items() if ws == workspace), key=lambda a: a.name
+        )
+
+    def lookup(
+        self, workspace: str, app: str, fn: str | None = None
+    ) -> tuple[AppState, FunctionMeta | None]:
+        state = self.apps.get((workspace, app))
         if state is None:
-            have = ", ".join(sorted(self.apps)) or "none yet (deploy one with `ember deploy FILE`)"
+            have = ", ".join(a.name for a in self.apps_of(workspace)) or (
+                "none yet (deploy one with `ember deploy FILE`)"
+            )
             raise NotFoundError("app_not_found", f"no app named {app!r}; deployed apps: {have}")
         if fn is None:
             return state, None
@@ -363,14 +480,33 @@ class ControlPlane:
         return state, meta
 
     # ----------------------------------------------------------------- jobs
-    def submit(self, app: str, fn: str, input: Any) -> tuple[Job, asyncio.Future[None]]:
-        """Accept a job; the returned future resolves once it is durable in the store."""
-        state, meta = self.lookup(app, fn)
+    def submit(
+        self,
+        workspace: str,
+        app: str,
+        fn: str,
+        input: Any,
+        *,
+        policy: str | None = None,
+        token: str | None = None,
+    ) -> tuple[Job, asyncio.Future[None]]:
+        """Accept a job; the returned future resolves once it is durable in the store.
+
+        Under a usage policy, the budget is checked here, before the job exists: once a `block`
+        policy has spent its budget, calls are refused and only jobs already admitted run on.
+        """
+        state, meta = self.lookup(workspace, app, fn)
         assert meta is not None
         meta.validate(input)
         spec = meta.spec
-        if spec.gpu:
-            fit = place(spec.gpu, spec.gpu_memory_mib, self.settings.inventory, ())
+        rules = self._policy(workspace, policy)
+        if rules is not None:
+            blocked = admit(rules, self.spent(workspace, rules, time.time()), time.time())
+            if blocked is not None:
+                raise BudgetBlocked(blocked)
+        request = self._gpu_request(spec, rules)
+        if request:
+            fit = place(request, spec.gpu_memory_mib, self.settings.inventory, ())
             if isinstance(fit, Never):
                 raise UnplaceableError(fit.reason)
         job = Job(
@@ -382,6 +518,10 @@ class ControlPlane:
             created_at=time.time(),
             created=time.monotonic(),
             kind=meta.kind,
+            workspace=workspace,
+            policy=policy,
+            token=token,
+            tags=dict(rules.tags) if rules else {},
         )
         row = {
             "id": job.id,
@@ -391,10 +531,14 @@ class ControlPlane:
             "input": json.dumps(input),
             "attempts": 0,
             "created_at": job.created_at,
+            "workspace": workspace,
+            "policy": policy,
+            "token": token,
+            "tags": json.dumps(job.tags) if job.tags else None,
         }
         durable = self.writer.submit(execute(insert(tables.jobs), row))
         self.jobs[job.id] = job
-        pool = state.pools[meta.unit]
+        pool = state.pool(meta.unit, policy)
         if (
             pool.last_call_end is not None
             and not pool.queue
@@ -406,12 +550,43 @@ class ControlPlane:
         self._scale(pool)
         return job, durable
 
-    async def get_job(self, job_id: str) -> Job | dict[str, Any]:
+    def _policy(self, workspace: str, name: str | None) -> Policy | None:
+        if name is None:
+            return None
+        rules = self.policies.policies.get((workspace, name))
+        if rules is None:  # deleting a policy needs its tokens gone first; this is a race
+            raise PolicyDenied(f"the token's policy {name!r} no longer exists")
+        return rules
+
+    def _gpu_request(self, spec: FunctionSpec, rules: Policy | None) -> tuple[GpuRequest, ...]:
+        """The GPU options a policy leaves a function (PolicyDenied when none could ever run)."""
+        try:
+            request = allowed_request(rules, spec.gpu)
+        except PolicyError as exc:
+            raise PolicyDenied(str(exc)) from None
+        if request and rules is not None:
+            within = tuple(g for g in request if gpu_cap_never(rules, g.count) is None)
+            if not within:
+                raise PolicyDenied(str(gpu_cap_never(rules, min(g.count for g in request))))
+            request = within
+        return request
+
+    def spent(self, workspace: str, rules: Policy, now: float) -> float:
+        """A policy's spend this period: its records, plus what its live workers have used
+        since their last record (not yet cut)."""
+        total = self.spend.in_period((workspace, rules.name), rules, now)
+        for w in self.workers.values():
+            pool = w.pool
+            if pool.policy == rules.name and pool.workspace == workspace and w.seg_phase:
+                total += rate(w.resources, self.settings.prices) * max(0.0, now - w.seg_start)
+        return total
+
+    async def get_job(self, workspace: str, job_id: str) -> Job | dict[str, Any]:
         job = self.jobs.get(job_id) or self.recent.get(job_id)
-        if job is not None:
+        if job is not None and job.workspace == workspace:
             return job
-        row = await asyncio.to_thread(self._load_job, job_id)
-        if row is None:
+        row = None if job is not None else await asyncio.to_thread(self._load_job, job_id)
+        if row is None or row.pop("workspace") != workspace:
             raise NotFoundError("job_not_found", f"no job with id {job_id!r}")
         return row
 
@@ -433,6 +608,8 @@ class ControlPlane:
             "error": json.loads(row["error"]) if row["error"] else None,
             "timings": json.loads(row["timings"]) if row["timings"] else None,
             "cost": json.loads(row["cost"]) if row["cost"] else None,
+            "tags": json.loads(row["tags"]) if row["tags"] else {},
+            "workspace": row["workspace"],
             "reason": None,
             "attempts": row["attempts"],
             "created_at": row["created_at"],
@@ -464,8 +641,8 @@ class ControlPlane:
     def _pool_of(self, job: Job) -> Pool | None:
         if job.worker is not None:
             return job.worker.pool
-        state = self.apps.get(job.app)
-        return state.pools.get(job.unit) if state else None
+        state = self.apps.get((job.workspace, job.app))
+        return state.pool(job.unit, job.policy) if state and job.unit in state.pools else None
 
     def _finish(
         self,
@@ -495,7 +672,7 @@ class ControlPlane:
         if (pool := self._pool_of(job)) is not None:
             pool.last_call_end = job.finished
         job.reason = None
-        self.counts.setdefault((job.app, job.function), Counter())[status.value] += 1
+        self.counts.setdefault((job.workspace, job.app, job.function), Counter())[status.value] += 1
         job.done.set()
         job.notify()
         row = {
@@ -618,17 +795,31 @@ class ControlPlane:
         floor = None
         if scaling.prewarm or scaling.warm_schedule:
             floor = worker_floor(scaling, pool.hist, pool.last_call_end, now, datetime.now())
+        rules = self.policies.policies.get((pool.workspace, pool.policy or ""))
+        if rules is not None and not pool.queue and self._blocked(pool.workspace, rules):
+            # Spent: what is idle stops now, so the money stops with the jobs already admitted.
+            for w in list(pool.workers.values()):
+                if w.state is WorkerState.IDLE:
+                    self._drain(w, reason=f"policy {rules.name!r} reached its budget")
+            return
         decision = autoscaler.decide(view, scaling, now, floor)
         pool.wait_reason = None
         for _ in range(decision.start):
             if now < pool.next_start:
                 break
-            fit = place(
-                pool.spec.gpu,
-                pool.spec.gpu_memory_mib,
-                self.settings.inventory,
-                self._allocations(),
-            )
+            fit: Placed | Wait | Never
+            try:
+                request = self._gpu_request(pool.spec, rules)
+            except PolicyDenied as exc:  # the policy changed under queued jobs
+                fit = Never(str(exc))
+            else:
+                fit = place(
+                    request, pool.spec.gpu_memory_mib, self.settings.inventory, self._allocations()
+                )
+            if isinstance(fit, Placed) and rules is not None and fit.gpus:
+                held = self._gpus_held(pool.workspace, rules.name)
+                if (reason := gpu_cap(rules, held, len(fit.gpus))) is not None:
+                    fit = Wait(reason)
             if isinstance(fit, Wait):
                 pool.wait_reason = fit.reason
                 break
@@ -642,6 +833,22 @@ class ControlPlane:
             job.reason = pool.wait_reason
         for wid in decision.stop:
             self._drain(pool.workers[wid], reason="idle")
+
+    def _blocked(self, workspace: str, rules: Policy) -> bool:
+        if rules.action != "block" or rules.budget_usd is None:
+            return False
+        now = time.time()
+        return admit(rules, self.spent(workspace, rules, now), now) is not None
+
+    def _gpus_held(self, workspace: str, policy: str) -> int:
+        return len(
+            {
+                i
+                for w in self.workers.values()
+                if w.pool.policy == policy and w.pool.workspace == workspace
+                for i in w.gpus
+            }
+        )
 
     def _allocations(self) -> list[Allocation]:
         return [Allocation(w.id, w.gpus, w.gpu_memory_mib) for w in self.workers.values() if w.gpus]
@@ -667,8 +874,9 @@ class ControlPlane:
         )
         pool.workers[w.id] = w
         self.workers[w.id] = w
-        state = self.apps.get(pool.app)
-        tags = {**(state.tags if state else {}), **spec.tags}
+        state = self.apps.get((pool.workspace, pool.app))
+        rules = self.policies.policies.get((pool.workspace, pool.policy or ""))
+        tags = {**(state.tags if state else {}), **spec.tags, **(rules.tags if rules else {})}
         self.meter.begin(w, time.time(), tags)
         self._spawn(self._run_worker(w))
 
@@ -684,6 +892,7 @@ class ControlPlane:
             w.pool.spec.scaling.concurrency,
             tuple(gpus),
             w.gpu_memory_mib,
+            w.pool.env,
         )
         try:
             w.process = await self.backend.start(launch)
@@ -773,7 +982,7 @@ class ControlPlane:
             self._scale(pool)
             if w.gpus:  # its GPUs are free: pools waiting for one may start a worker now
                 for app in list(self.apps.values()):
-                    for other in app.pools.values():
+                    for other in app.all_pools():
                         if other.wait_reason is not None and other is not pool:
                             self._scale(other)
 
@@ -792,14 +1001,14 @@ class ControlPlane:
             None,
         )
         job.exec_ms = None
-        state = self.apps.get(job.app)
+        state = self.apps.get((job.workspace, job.app))
         meta = state.functions.get(job.function) if state else None
         if state is None or meta is None:
             self._finish(
                 job, JobStatus.FAILED, error=_error("FunctionNotFound", "no longer deployed")
             )
             return
-        state.pools[meta.unit].queue.appendleft(job)
+        state.pool(meta.unit, job.policy).queue.appendleft(job)
         job.notify()
 
     def _on_startup_failure(self, pool: Pool, w: Worker, code: int) -> None:
@@ -863,7 +1072,7 @@ class ControlPlane:
                 job = w.running.get(job_id) if job_id else None
                 fn = job.function if job else w.pool.unit
                 self.logs.append(
-                    w.pool.app,
+                    f"{w.pool.workspace}/{w.pool.app}",
                     fn,
                     {
                         "ts": ts,
@@ -896,11 +1105,168 @@ class ControlPlane:
             return
         self._finish(job, JobStatus.FAILED, error=error)
 
+    # ----------------------------------------------------------------- policies
+    def _check_budgets(self) -> None:
+        """At every checkpoint: a policy that reached its budget alerts once per period."""
+        now = time.time()
+        for key, rules in list(self.policies.policies.items()):
+            if rules.budget_usd is None:
+                continue
+            spent = self.spent(key[0], rules, now)
+            if not alert_due(rules, spent, now, self.policies.alerted.get(key)):
+                continue
+            start, _ = period_bounds(rules.period, now)
+            self.policies.alerted[key] = start
+            self.writer.submit(functools.partial(mark_alerted, key=key, period_start=start))
+            payload = alert_payload(key, rules, spent, now)
+            log.warning(
+                "budget: policy %r of workspace %r spent $%.4f of its $%.2f %s budget (%s)",
+                rules.name,
+                key[0],
+                spent,
+                rules.budget_usd,
+                rules.period,
+                "new calls are refused" if rules.action == "block" else "alert only",
+            )
+            self.audit.record(
+                workspace=key[0],
+                actor="server",
+                action="budget.reached",
+                target=f"policy:{rules.name}",
+                outcome="blocked" if rules.action == "block" else "alerted",
+                detail={"spent_usd": round(spent, 6), "budget_usd": rules.budget_usd},
+            )
+            if rules.webhook:
+                self._spawn(post_webhook(rules.webhook, payload))
+
+    def policy_status(self, workspace: str, rules: Policy) -> dict[str, Any]:
+        now = time.time()
+        start, reset = period_bounds(rules.period, now)
+        spent = self.spent(workspace, rules, now)
+        return {
+            **rules.to_dict(),
+            "created_at": self.policies.created_at.get((workspace, rules.name)),
+            "spent_usd": round(spent, 9),
+            "period_start": start,
+            "reset_at": reset,
+            "blocked": rules.action == "block" and admit(rules, spent, now) is not None,
+            "gpus_held": self._gpus_held(workspace, rules.name),
+        }
+
+    async def create_policy(self, workspace: str, rules: Policy) -> dict[str, Any]:
+        key = (workspace, rules.name)
+        if key in self.policies.policies:
+            raise ConflictError(
+                f"policy {rules.name!r} exists; delete it first (`ember policy delete "
+                f"{rules.name}`) or pick another name"
+            )
+        now = time.time()
+        await self.writer.submit(
+            execute(
+                insert(tables.policies),
+                {
+                    "workspace": workspace,
+                    "name": rules.name,
+                    "body": json.dumps(rules.to_dict()),
+                    "created_at": now,
+                },
+            )
+        )
+        self.policies.policies[key] = rules
+        self.policies.created_at[key] = now
+        return self.policy_status(workspace, rules)
+
+    async def delete_policy(self, workspace: str, name: str) -> None:
+        key = (workspace, name)
+        if key not in self.policies.policies:
+            raise NotFoundError("policy_not_found", f"no policy named {name!r}")
+        p = tables.policies.c
+        await self.writer.submit(
+            execute(delete(tables.policies).where(p.workspace == workspace, p.name == name))
+        )
+        del self.policies.policies[key]
+        self.policies.alerted.pop(key, None)
+
+    # ----------------------------------------------------------------- secrets
+    def secret_names(self, workspace: str) -> list[str]:
+        return sorted(name for ws, name in self.secrets if ws == workspace)
+
+    def users_of_secret(self, workspace: str, name: str) -> list[str]:
+        return sorted(
+            f"{app.name}/{meta.name}"
+            for app in self.apps_of(workspace)
+            for meta in app.functions.values()
+            if name in meta.spec.secrets
+        )
+
+    async def set_secret(self, workspace: str, name: str, values: dict[str, str]) -> float:
+        """Store a secret encrypted; functions naming it get it in workers started from now on
+        (their templates restart with it)."""
+        now = time.time()
+        key = (workspace, name)
+        ciphertext = self.vault.encrypt(values)
+        existed = key in self.secrets
+        s_ = tables.secrets.c
+
+        def write(conn: Connection) -> None:
+            row = {"keys": json.dumps(sorted(values)), "ciphertext": ciphertext, "updated_at": now}
+            if existed:
+                conn.execute(
+                    update(tables.secrets)
+                    .where(s_.workspace == workspace, s_.name == name)
+                    .values(**row)
+                )
+            else:
+                conn.execute(
+                    insert(tables.secrets).values(
+                        workspace=workspace, name=name, created_at=now, **row
+                    )
+                )
+
+        await self.writer.submit(write)
+        self.secrets[key] = dict(values)
+        for app in self.apps_of(workspace):
+            touched = False
+            for base in app.pools.values():
+                if name not in base.spec.secrets:
+                    continue
+                touched = True
+                env = self._secret_env(workspace, base.spec.secrets)
+                for pool in app.all_pools():
+                    if pool.unit == base.unit:
+                        pool.env = env
+                self.backend.retire(base.bundle, base.unit)
+            if touched:
+                await self._prepare(app)
+        return now
+
+    async def delete_secret(self, workspace: str, name: str) -> None:
+        if (workspace, name) not in self.secrets:
+            raise NotFoundError("secret_not_found", f"no secret named {name!r}")
+        users = self.users_of_secret(workspace, name)
+        if users:
+            raise ConflictError(
+                f"secret {name!r} is used by {', '.join(users)}; redeploy them without it first"
+            )
+        s_ = tables.secrets.c
+        await self.writer.submit(
+            execute(delete(tables.secrets).where(s_.workspace == workspace, s_.name == name))
+        )
+        del self.secrets[(workspace, name)]
+
     # ----------------------------------------------------------------- views
-    def nodes(self) -> list[dict[str, Any]]:
-        """The GPU inventory of this machine, with what each GPU is running."""
+    def workers_of(self, workspace: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.pool.workspace == workspace]
+
+    def nodes(self, workspace: str) -> list[dict[str, Any]]:
+        """The GPU inventory of this machine, with what each GPU runs for this workspace (the
+        workers of others count only as memory in use)."""
         held: dict[int, list[dict[str, Any]]] = {}
+        used: Counter[int] = Counter()
         for w in self.workers.values():
+            for i in w.gpus:
+                used[i] += 1
+        for w in self.workers_of(workspace):
             for i in w.gpus:
                 held.setdefault(i, []).append(
                     {
@@ -920,6 +1286,7 @@ class ControlPlane:
                 "simulated": g.simulated,
                 "uuid": g.uuid,
                 "workers": held.get(g.index, []),
+                "in_use": used[g.index] > 0,
             }
             for g in self.settings.inventory
         ]
@@ -927,6 +1294,7 @@ class ControlPlane:
 
     async def usage(
         self,
+        workspace: str,
         group_by: list[str],
         since: float | None,
         until: float | None,
@@ -938,7 +1306,7 @@ class ControlPlane:
         await self.flush()
 
         def read() -> list[UsageRecord]:
-            q = select(tables.usage)
+            q = select(tables.usage).where(tables.usage.c.workspace == workspace)
             if since is not None:
                 q = q.where(tables.usage.c.end > since)
             if until is not None:
@@ -949,12 +1317,21 @@ class ControlPlane:
         records = await asyncio.to_thread(read)
         return summarize(records, group_by, granularity, self.settings.prices)
 
-    def health(self, app: str, fn: str) -> dict[str, Any]:
-        state, meta = self.lookup(app, fn)
+    def health(self, workspace: str, app: str, fn: str) -> dict[str, Any]:
+        state, meta = self.lookup(workspace, app, fn)
         assert meta is not None
-        counts = self.counts.get((app, fn), Counter())
-        live = [j for j in self.jobs.values() if j.app == app and j.function == fn]
-        workers = Counter(w.state.value for w in state.pools[meta.unit].workers.values())
+        counts = self.counts.get((workspace, app, fn), Counter())
+        live = [
+            j
+            for j in self.jobs.values()
+            if j.app == app and j.function == fn and j.workspace == workspace
+        ]
+        workers = Counter(
+            w.state.value
+            for p in state.all_pools()
+            if p.unit == meta.unit
+            for w in p.workers.values()
+        )
         return {
             "jobs": {
                 "in_queue": sum(1 for j in live if j.status is JobStatus.IN_QUEUE),
@@ -988,6 +1365,8 @@ def _usage_record(row: Any) -> UsageRecord:
         usd=row["usd"],
         tags=json.loads(row["tags"]),
         starts=row["starts"],
+        workspace=row["workspace"],
+        policy=row["policy"],
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,12 @@ class Job:
     created: float
     """Monotonic clock, for the latency terms."""
     kind: str = "function"
+    workspace: str = "default"
+    policy: str | None = None
+    """The usage policy of the token that submitted it: its pool, tags and budget."""
+    token: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    """The policy's tags, stamped on the job (its worker's usage carries them too)."""
     status: JobStatus = JobStatus.IN_QUEUE
     output: Any = None
     outputs: list[Any] = field(default_factory=list)
@@ -123,6 +129,7 @@ class Job:
             "error": self.error,
             "timings": self.timings,
             "cost": self.cost,
+            "tags": self.tags,
             "reason": self.reason,
             "attempts": self.attempts,
             "created_at": self.created_at,
@@ -181,6 +188,7 @@ class Worker:
             "id": self.id,
             "app": self.pool.app,
             "unit": self.pool.unit,
+            "policy": self.pool.policy,
             "version": self.pool.version,
             "state": self.state.value,
             "pid": self.pid,
@@ -193,13 +201,21 @@ class Worker:
 
 @dataclass(eq=False)
 class Pool:
-    """The workers of one unit (a function, or a class and its methods) of one app version."""
+    """The workers of one unit (a function, or a class and its methods) of one app version.
+
+    Calls made under a usage policy run in a pool of their own (`policy` set), so that the
+    policy's tags, GPU limits and budget apply to whole workers.
+    """
 
     app: str
     version: int
     unit: str
     spec: FunctionSpec
     bundle: Path
+    workspace: str = "default"
+    policy: str | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """Secret values for the workers' environment; never logged or returned."""
     active: bool = True
     queue: deque[Job] = field(default_factory=deque)
     workers: dict[str, Worker] = field(default_factory=dict)
@@ -219,8 +235,24 @@ class AppState:
     filename: str
     functions: dict[str, FunctionMeta]
     pools: dict[str, Pool]
+    """The pool of each unit for calls under no policy."""
     created_at: float
     updated_at: float
+    workspace: str = "default"
+    policy_pools: dict[tuple[str, str], Pool] = field(default_factory=dict)
+    """(unit, policy) -> the pool of that unit's calls under that policy, made on first use."""
+
+    def pool(self, unit: str, policy: str | None) -> Pool:
+        base = self.pools[unit]
+        if policy is None:
+            return base
+        pool = self.policy_pools.get((unit, policy))
+        if pool is None:
+            pool = self.policy_pools[(unit, policy)] = policy_pool(base, policy)
+        return pool
+
+    def all_pools(self) -> list[Pool]:
+        return [*self.pools.values(), *self.policy_pools.values()]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -232,3 +264,20 @@ class AppState:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
+
+
+def policy_pool(base: Pool, policy: str) -> Pool:
+    """A unit's pool for one policy's calls: it scales from zero (no `min_workers` or buffer
+    kept warm on every policy's account); the function's other settings hold."""
+    scaling = replace(base.spec.scaling, min_workers=0, buffer_workers=0, warm_schedule=None)
+    return Pool(
+        base.app,
+        base.version,
+        base.unit,
+        replace(base.spec, scaling=scaling),
+        base.bundle,
+        workspace=base.workspace,
+        policy=policy,
+        env=base.env,
+        active=base.active,
+    )

@@ -7,7 +7,7 @@ The budget rule: admission is checked before a job is accepted, against the spen
 metered in the current period (day, ISO week from Monday, or calendar month, all in UTC). A job
 that was admitted runs to the end, even if the budget is crossed while it runs; so a `block`
 policy's overspend is bounded by the cost of the jobs already admitted when the limit was
-reached, and nothing new starts until the period resets. An `alert` policy never refuses a call;
+reached (plus the moments its idle workers take to stop), and nothing new starts until the period resets. An `alert` policy never refuses a call;
 both kinds notify (webhook, log) once per period when the spend reaches the budget.
 """
 
@@ -129,7 +129,7 @@ def _gpu_types(value: Any) -> tuple[str, ...]:
     out: list[str] = []
     for item in items:
         name = item.strip().upper() if isinstance(item, str) else None
-        if not name or not _GPU_TYPE_RE.match(name):
+        if not name or not _GPU_TYPE_RE.fullmatch(name):
             raise PolicyError(
                 f"allowed_gpus: {item!r} is not a GPU type; give type names without counts, "
                 "e.g. ['L4', 'A10G']"
@@ -169,7 +169,7 @@ def make_policy(
     webhook: Any = None,
 ) -> Policy:
     """Build a Policy from user options, or raise PolicyError saying what to change."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise PolicyError(
             f"policy name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
             "(starting with a letter or digit)"

@@ -44,6 +44,9 @@ class UsageRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
     starts: int = 0
     """1 on the record that begins a worker's life: counts cold starts."""
+    workspace: str = "default"
+    policy: str | None = None
+    """The usage policy whose calls the worker served: its budget pays for the record."""
 
     @property
     def ms(self) -> float:
@@ -64,6 +67,8 @@ def make_record(
     tags: Mapping[str, str],
     starts: int = 0,
     extra_billed_ms: float = 0.0,
+    workspace: str = "default",
+    policy: str | None = None,
 ) -> UsageRecord:
     billed = round(max(0.0, (end - start) * 1000.0) + extra_billed_ms, 3)
     return UsageRecord(
@@ -79,6 +84,8 @@ def make_record(
         rate(resources, prices) * billed / 1000.0,
         dict(tags),
         starts,
+        workspace,
+        policy,
     )
 
 
@@ -117,7 +124,8 @@ GRANULARITY_S = {"hour": 3600, "day": 86400}
 
 
 def group_key(spec: str) -> Callable[[UsageRecord], tuple[str, str]]:
-    """`tag:team`, `app`, `function`, `gpu`, or `phase` -> a function naming a record's group."""
+    """`tag:team`, `app`, `function`, `gpu`, `phase` or `policy` -> a function naming a record's
+    group."""
     if spec.startswith("tag:") and len(spec) > 4:
         tag = spec[4:]
         return lambda r: (spec, r.tags.get(tag, ""))
@@ -126,9 +134,10 @@ def group_key(spec: str) -> Callable[[UsageRecord], tuple[str, str]]:
         "function": lambda r: f"{r.app}/{r.unit}",
         "gpu": lambda r: r.resources.gpu_type or "",
         "phase": lambda r: r.phase.value,
+        "policy": lambda r: r.policy or "",
     }
     if spec not in fields:
-        raise ValueError(f"group_by {spec!r}: use app, function, gpu, phase or tag:NAME")
+        raise ValueError(f"group_by {spec!r}: use app, function, gpu, phase, policy or tag:NAME")
     get = fields[spec]
     return lambda r: (spec, get(r))
 

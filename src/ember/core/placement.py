@@ -83,7 +83,7 @@ def parse_declared(text: str) -> tuple[Gpu, ...]:
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        m = _DECLARED_RE.match(part)
+        m = _DECLARED_RE.fullmatch(part)
         if m is None:
             raise ValueError(
                 f"--gpus entry {part!r} is not TYPE[:COUNT[:MEMORY]], e.g. 'L4:2' or 'X1:1:24GiB'"

@@ -75,7 +75,7 @@ def validate_secret(name: str, values: object) -> dict[str, str]:
 
 
 def validate_secret_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise SecretError(
             f"secret name {name!r} is not valid: use 1-64 letters, digits, '_', '.' or '-' "
             "(for example 'hf' or 'openai-prod')"
@@ -84,7 +84,7 @@ def validate_secret_name(name: object) -> str:
 
 
 def validate_key(key: object) -> str:
-    if not isinstance(key, str) or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise SecretError(
             f"{key!r} is not a valid environment variable name: use letters, digits and '_', "
             "not starting with a digit (for example HF_TOKEN)"
@@ -114,7 +114,7 @@ def parse_dotenv(text: str) -> dict[str, str]:
         if m is None:
             raise SecretError(f"line {number}: expected KEY=VALUE (or a # comment)")
         key, rest = m.group(1), m.group(2)
-        if not _KEY_RE.match(key):
+        if not _KEY_RE.fullmatch(key):
             raise SecretError(
                 f"line {number}: {key!r} is not a valid environment variable name: use letters, "
                 "digits and '_', not starting with a digit"

@@ -36,6 +36,7 @@ _UNIT_MIB = {
     "TI": 1024.0**2,
     "TIB": 1024.0**2,
 }
+_SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")
 
 
@@ -83,11 +84,14 @@ class FunctionSpec:
     retries: int = 0
     tags: Mapping[str, str] = field(default_factory=dict)
     env: str | None = None
+    secrets: tuple[str, ...] = ()
+    """Names of workspace secrets whose KEY=VALUE pairs go into this function's environment."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gpu"] = [str(g) for g in self.gpu]
         d["tags"] = dict(self.tags)
+        d["secrets"] = list(self.secrets)
         return d
 
     @classmethod
@@ -106,6 +110,7 @@ class FunctionSpec:
             retries=d.get("retries", 0),
             tags=d.get("tags"),
             env=d.get("env"),
+            secrets=d.get("secrets"),
             **scaling,
         )
 
@@ -137,7 +142,7 @@ def parse_gpu(value: Any) -> tuple[GpuRequest, ...]:
         )
     out = []
     for item in items:
-        m = _GPU_RE.match(item) if isinstance(item, str) else None
+        m = _GPU_RE.fullmatch(item) if isinstance(item, str) else None
         if m is None:
             raise SpecError(
                 f"gpu {item!r} is not of the form TYPE or TYPE:COUNT (e.g. 'L4', 'H100:2')"
@@ -157,7 +162,7 @@ def parse_memory_mib(value: Any, *, what: str = "memory") -> int | None:
         raise SpecError(f"{what} must be MiB as an integer or a string like '8GiB', got {value!r}")
     if isinstance(value, int | float):
         mib = float(value) if abs(value) < 2**53 else math.inf
-    elif isinstance(value, str) and (m := _MEMORY_RE.match(value)):
+    elif isinstance(value, str) and (m := _MEMORY_RE.fullmatch(value)):
         unit = (m["unit"] or "").upper()
         mib = float(m["num"]) * _UNIT_MIB[unit]
     else:
@@ -174,12 +179,29 @@ def parse_tags(value: Any, *, what: str = "tags") -> dict[str, str]:
         raise SpecError(f"{what} must be a dict of str to str, got {type(value).__name__}")
     out = {}
     for k, v in value.items():
-        if not isinstance(k, str) or not _TAG_KEY_RE.match(k):
+        if not isinstance(k, str) or not _TAG_KEY_RE.fullmatch(k):
             raise SpecError(f"{what}: key {k!r} must be 1-63 characters of letters, digits, _.:/-")
         if not isinstance(v, str) or len(v) > 256:
             raise SpecError(f"{what}: value of {k!r} must be a string of at most 256 characters")
         out[k] = v
     return out
+
+
+def parse_secret_names(value: Any) -> tuple[str, ...]:
+    """`secrets=["hf", "db"]`: names of secrets made with `ember secret set`."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise SpecError(f"secrets must be a list of secret names like ['hf'], got {value!r}")
+    out: list[str] = []
+    for name in value:
+        if not isinstance(name, str) or not _SECRET_NAME_RE.fullmatch(name):
+            raise SpecError(
+                f"secret name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+            )
+        if name not in out:
+            out.append(name)
+    return tuple(out)
 
 
 def parse_warm_schedule(value: Any) -> str | None:
@@ -213,6 +235,7 @@ def make_spec(
     retries: Any = 0,
     tags: Any = None,
     env: Any = None,
+    secrets: Any = None,
 ) -> FunctionSpec:
     """Build a FunctionSpec from user options, or raise SpecError saying what to change."""
     mn = _int("min_workers", min_workers, minimum=0)
@@ -254,4 +277,5 @@ def make_spec(
         retries=_int("retries", retries, minimum=0),
         tags=parse_tags(tags),
         env=env,
+        secrets=parse_secret_names(secrets),
     )

@@ -51,6 +51,7 @@ class Options(TypedDict, total=False):
     retries: int
     tags: dict[str, str] | None
     env: str | None
+    secrets: list[str] | None
 
 
 def _spec(options: Mapping[str, Any], where: str) -> FunctionSpec:
@@ -71,7 +72,7 @@ class App:
     """A named group of functions deployed together from one Python file."""
 
     def __init__(self, name: str, tags: dict[str, str] | None = None) -> None:
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise InvalidSpec(
                 f"app name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
             )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Float,
-    ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -17,6 +19,18 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+
+def _workspace() -> Column[str]:
+    return Column("workspace", String(64), nullable=False, server_default="default")
+
+
+workspaces = Table(
+    "workspaces",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+)
+
 tokens = Table(
     "tokens",
     metadata,
@@ -24,29 +38,39 @@ tokens = Table(
     Column("name", String(64), nullable=False),
     Column("hash", String(64), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
+    _workspace(),
+    Column("scope", String(16), nullable=False, server_default="admin"),
+    Column("policy", String(64)),
+    Column("expires_at", Float),
+    Column("revoked_at", Float),
+    Column("bootstrap", Boolean, nullable=False, server_default="0"),
 )
 
 apps = Table(
     "apps",
     metadata,
-    Column("name", String(64), primary_key=True),
+    _workspace(),
+    Column("name", String(64), nullable=False),
     Column("tags", Text, nullable=False, default="{}"),
     Column("current_version", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    PrimaryKeyConstraint("workspace", "name"),
 )
 
 versions = Table(
     "versions",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("app", String(64), ForeignKey("apps.name"), nullable=False),
+    _workspace(),
+    Column("app", String(64), nullable=False),
     Column("version", Integer, nullable=False),
     Column("filename", String(255), nullable=False),
     Column("source", Text, nullable=False),
     Column("functions", Text, nullable=False),
     Column("created_at", Float, nullable=False),
-    UniqueConstraint("app", "version"),
+    UniqueConstraint("workspace", "app", "version"),
+    ForeignKeyConstraint(["workspace", "app"], ["apps.workspace", "apps.name"]),
 )
 
 jobs = Table(
@@ -65,8 +89,13 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("cost", Text),
+    _workspace(),
+    Column("policy", String(64)),
+    Column("token", String(64)),
+    Column("tags", Text),
 )
 Index("ix_jobs_status", jobs.c.status)
+Index("ix_jobs_workspace", jobs.c.workspace)
 Index("ix_jobs_app_function", jobs.c.app, jobs.c.function)
 
 workers = Table(
@@ -82,6 +111,8 @@ workers = Table(
     Column("ended_at", Float),
     Column("exit_code", Integer),
     Column("stop_reason", Text),
+    _workspace(),
+    Column("policy", String(64)),
 )
 
 usage = Table(
@@ -103,6 +134,50 @@ usage = Table(
     Column("usd", Float, nullable=False),
     Column("tags", Text, nullable=False),
     Column("starts", Integer, nullable=False),
+    _workspace(),
+    Column("policy", String(64)),
 )
 Index("ix_usage_start", usage.c.start)
 Index("ix_usage_worker", usage.c.worker)
+Index("ix_usage_policy", usage.c.workspace, usage.c.policy, usage.c.start)
+
+policies = Table(
+    "policies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("workspace", String(64), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("alerted_period", Float),
+    UniqueConstraint("workspace", "name"),
+)
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("workspace", String(64), nullable=False),
+    Column("name", String(64), nullable=False),
+    # key names only (listing needs no master key); the values are in `ciphertext`
+    Column("keys", Text, nullable=False),
+    Column("ciphertext", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("workspace", "name"),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("workspace", String(64)),
+    Column("actor", String(140), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(255)),
+    Column("outcome", String(32), nullable=False),
+    Column("detail", Text),
+    Column("ip", String(64)),
+)
+Index("ix_audit_ts", audit.c.ts)

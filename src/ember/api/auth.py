@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -205,8 +205,9 @@ class Auth:
         return who
 
 
-def _need(scope: Scope) -> Callable[[Request], Principal]:
-    def dependency(request: Request) -> Principal:
+def _need(scope: Scope) -> Callable[[Request], Awaitable[Principal]]:
+    # async: FastAPI runs a plain function dependency in a worker thread, a hop per request.
+    async def dependency(request: Request) -> Principal:
         auth: Auth = request.app.state.auth
         return auth.require(request, scope)
 

@@ -196,8 +196,9 @@ def test_token_file_findings_on_the_client(tmp_path: Path, monkeypatch: pytest.M
     assert str(token_file) in finding["message"] and "0640" in finding["message"]
     assert finding["fix"] == f"chmod 600 {token_file}"
 
-    monkeypatch.setenv("EMBER_TOKEN", "ember_x")  # the data dir's file is not read then
+    monkeypatch.setenv("EMBER_TOKEN", "ember_x")  # no file is read then
     assert admin.token_file_findings() == []
+    monkeypatch.delenv("EMBER_TOKEN")
     named = tmp_path / "elsewhere"
     named.write_text("ember_x\n")
     named.chmod(0o604)
@@ -537,11 +538,12 @@ def test_doctor_checks_the_token_file_the_client_names(
     copy = tmp_path / "my-token"
     copy.write_text(admin_server.token + "\n")
     copy.chmod(0o644)
-    proc = ember(admin_server, "doctor", env={"EMBER_TOKEN_FILE": str(copy)})
+    # The client takes its token from the file: this is the file it reads, and the one checked.
+    proc = ember(admin_server, "doctor", token=None, env={"EMBER_TOKEN_FILE": str(copy)})
     assert proc.returncode == 1
     assert f"chmod 600 {copy}" in plain(proc.stdout)
     copy.chmod(0o600)
-    proc = ember(admin_server, "doctor", env={"EMBER_TOKEN_FILE": str(copy)})
+    proc = ember(admin_server, "doctor", token=None, env={"EMBER_TOKEN_FILE": str(copy)})
     assert str(copy) not in plain(proc.stdout)
 
 

@@ -24,11 +24,13 @@ def server_url() -> str:
 
 
 def client_token() -> str | None:
-    """`EMBER_TOKEN`, else the token file the server wrote in its data dir."""
+    """`EMBER_TOKEN`, else the file named by `EMBER_TOKEN_FILE` (a workspace token kept out of
+    the shell's environment), else the token file the server wrote in its data dir."""
     token = os.environ.get("EMBER_TOKEN")
     if token:
         return token.strip()
-    path = data_dir() / TOKEN_FILE
+    named = os.environ.get("EMBER_TOKEN_FILE")
+    path = Path(named).expanduser() if named else data_dir() / TOKEN_FILE
     try:
         return path.read_text().strip() or None
     except OSError:

@@ -621,13 +621,10 @@ def token_file_findings() -> list[dict[str, str]]:
     """Client side: the token file this client reads (EMBER_TOKEN_FILE, or the data dir's token
     file when EMBER_TOKEN is unset) must be open to its owner only, as the server's own check
     wants of the files it guards (a client may read a copy on another machine)."""
-    named = os.environ.get("EMBER_TOKEN_FILE")
-    if named:
-        path = Path(named).expanduser()
-    elif not os.environ.get("EMBER_TOKEN"):
-        path = config.data_dir() / config.TOKEN_FILE
-    else:
+    if os.environ.get("EMBER_TOKEN"):
         return []
+    named = os.environ.get("EMBER_TOKEN_FILE")
+    path = Path(named).expanduser() if named else config.data_dir() / config.TOKEN_FILE
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError:

@@ -56,7 +56,6 @@ that some schema-valid requests get a deliberate 422: `positive_data_acceptance`
 them (and on for every other operation). All other checks stay on everywhere."""
 
 
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("fuzz") / "data").start()

@@ -16,6 +16,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -510,6 +511,18 @@ def test_a_revoked_token_is_refused_at_once(srv: Server) -> None:
     again = create_token(srv, admin, "ci", "deploy")
     ok(srv.http("GET", "/v1/apps", token=again))
     refused(srv.http("GET", "/v1/apps", token=token), 401, "unauthorized")
+
+
+def test_concurrent_creates_of_one_token_name_make_one_token(srv: Server) -> None:
+    admin = create_workspace(srv, unique("race-"))
+    body = {"name": "racer", "scope": "read"}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda _: srv.http("POST", "/v1/tokens", token=admin, json=body), range(8))
+        )
+    assert sorted(r.status_code for r in answers) == [201] + [409] * 7
+    listed = ok(srv.http("GET", "/v1/tokens", token=admin))["tokens"]
+    assert [t["name"] for t in listed].count("racer") == 1
 
 
 def test_an_expired_token_is_refused_with_token_expired(srv: Server) -> None:

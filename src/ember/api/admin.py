@@ -215,8 +215,13 @@ async def create_token(request: Request, who: Principal = Depends(need_admin)) -
         "policy": policy,
         "expires_at": expires_at,
     }
-    await cp.writer.submit(execute(insert(tables.tokens), row))
+    # Known before the write is awaited: a concurrent create of the same name sees it (409).
     tokens_of(request).add(digest, Principal(name, who.workspace, scope, policy, expires_at))
+    try:
+        await cp.writer.submit(execute(insert(tables.tokens), row))
+    except Exception:
+        tokens_of(request).remove(who.workspace, name)
+        raise
     audit(request, who, "token.create", "ok", name, {"scope": scope.label, "policy": policy})
     return JSONResponse(
         {

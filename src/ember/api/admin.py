@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import stat
 import time
 from typing import Any
@@ -34,6 +33,7 @@ from ember.api.routes import _body, _time, audit, json_body, plane
 from ember.config import TOKEN_FILE
 from ember.control.plane import ConflictError, NotFoundError
 from ember.core.budgets import PolicyError, make_policy
+from ember.core.names import HANDLE_RE
 from ember.core.posture import FileFact, FunctionFact, Posture, TokenFact, check
 from ember.core.secrets import SecretError, validate_secret, validate_secret_name
 from ember.store import tables
@@ -41,7 +41,6 @@ from ember.store.writer import execute
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_EXPIRES_S = 10 * 365 * 86400.0
 
 
@@ -51,7 +50,7 @@ def tokens_of(request: Request) -> Tokens:
 
 
 def _name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+    if not isinstance(value, str) or not HANDLE_RE.fullmatch(value):
         raise ApiException(
             422,
             "invalid_request",
@@ -311,8 +310,7 @@ def _shown(status: dict[str, Any], who: Principal) -> dict[str, Any]:
 @router.get("/policies", response_model=schemas.PolicyList)
 async def list_policies(request: Request, who: Principal = Depends(need_read)) -> Response:
     """The workspace's policies with what each has spent this period."""
-    cp = plane(request)
-    await cp.flush()
+    cp = plane(request)  # spend is in memory, open worker segments included: no store read
     return JSONResponse(
         {
             "policies": [

@@ -6,10 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ember.core.names import HANDLE, NAME
+
 # What the handlers check, written down for the document (they do their own checks).
-NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+NAME_PATTERN = f"^{HANDLE}$"
 """Workspace, token and secret names."""
-POLICY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+POLICY_NAME_PATTERN = f"^{NAME}$"
 """Policy and app names."""
 ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 """Keys of a secret: environment variable names."""

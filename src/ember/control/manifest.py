@@ -12,9 +12,9 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from ember.core.names import NAME_RE
 from ember.core.spec import KINDS, FunctionSpec, SpecError, parse_tags
 
-APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 FILENAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
 ENVIRONMENTS = ("server",)
@@ -35,7 +35,7 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         m.get("source"),
         m.get("functions"),
     )
-    if not isinstance(name, str) or not APP_NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise DeployError("'name' must be 1-64 characters of letters, digits, '_', '.', '-'")
     if not isinstance(filename, str) or not FILENAME_RE.fullmatch(filename):
         raise DeployError("'filename' must be a Python module file name such as 'hello.py'")

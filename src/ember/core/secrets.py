@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ember.core.names import HANDLE_RE
+
 SECRET_KEYS_ENV = "EMBER_SECRET_KEYS"
 """Set by the server for a worker (and its template): the comma-separated names of the env vars
 that hold secret values, so that the worker knows what to redact."""
@@ -27,7 +29,6 @@ RESERVED_KEYS = frozenset(
 )
 """Variables the platform or the OS relies on: a secret that changed them would break workers."""
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EXPORT_RE = re.compile(r"^export\s+")
 _ASSIGN_RE = re.compile(r"^([^=\s]+)\s*=\s*(.*)$", re.S)
@@ -75,7 +76,7 @@ def validate_secret(name: str, values: object) -> dict[str, str]:
 
 
 def validate_secret_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+    if not isinstance(name, str) or not HANDLE_RE.fullmatch(name) or name in (".", ".."):
         raise SecretError(
             f"secret name {name!r} is not valid: use 1-64 letters, digits, '_', '.' or '-' "
             "(for example 'hf' or 'openai-prod')"

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ember.core.names import HANDLE_RE
 from ember.core.prewarm import parse_cron
 
 _GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9][A-Za-z0-9_.-]*?)(?::(?P<count>[0-9]+))?$")
@@ -36,7 +37,6 @@ _UNIT_MIB = {
     "TI": 1024.0**2,
     "TIB": 1024.0**2,
 }
-_SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")
 
 
@@ -195,7 +195,7 @@ def parse_secret_names(value: Any) -> tuple[str, ...]:
         raise SpecError(f"secrets must be a list of secret names like ['hf'], got {value!r}")
     out: list[str] = []
     for name in value:
-        if not isinstance(name, str) or not _SECRET_NAME_RE.fullmatch(name):
+        if not isinstance(name, str) or not HANDLE_RE.fullmatch(name):
             raise SpecError(
                 f"secret name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
             )

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypedDict, Unpack
 
+from ember.core.names import NAME_RE
 from ember.core.spec import FunctionSpec, SpecError, make_spec, parse_tags
 from ember.errors import InvalidSpec, UnknownOption
 from ember.sdk.cls import Cls
 from ember.sdk.function import Function
 from ember.sdk.hooks import hooks_of
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 _APPS: dict[str, App] = {}
 """Every App constructed in this process, by name: how a worker finds the app its bundle defines."""

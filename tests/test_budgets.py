@@ -23,9 +23,11 @@ from ember.core.budgets import (
     make_policy,
     parse_budget,
     period_bounds,
+    policy_request,
+    pool_scaling,
     spent_in_period,
 )
-from ember.core.spec import GpuRequest, parse_gpu
+from ember.core.spec import GpuRequest, ScalingSpec, parse_gpu
 
 
 def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
@@ -463,3 +465,36 @@ def test_gpu_cap_property(cap: int, held: int, need: int) -> None:
     assert (gpu_cap_never(p, need) is None) == (need <= cap)
     if gpu_cap_never(p, need) is not None:
         assert gpu_cap(p, held, need) is not None  # never fits: never admitted by the cap either
+
+
+def test_policy_request_keeps_allowed_types_that_fit_the_cap() -> None:
+    request = parse_gpu(["H100:4", "L4:2", "L4"])
+    p = make_policy("p", allowed_gpus=["L4"], max_gpus=1)
+    assert policy_request(p, request) == (GpuRequest("L4"),)
+    assert policy_request(None, request) == request
+    assert policy_request(p, ()) == ()
+    with pytest.raises(PolicyError, match="max_gpus"):
+        policy_request(make_policy("q", max_gpus=1), parse_gpu("L4:2"))
+    with pytest.raises(PolicyError, match="allows GPUs L4"):
+        policy_request(p, parse_gpu("H100"))
+
+
+def test_a_policy_pool_scales_from_zero_and_keeps_the_rest() -> None:
+    scaling = ScalingSpec(
+        min_workers=2,
+        max_workers=6,
+        buffer_workers=1,
+        idle_timeout=9,
+        concurrency=3,
+        prewarm="auto",
+        warm_schedule="* 9-16 * * 1-5",
+    )
+    assert pool_scaling(scaling) == ScalingSpec(
+        min_workers=0,
+        max_workers=6,
+        buffer_workers=0,
+        idle_timeout=9,
+        concurrency=3,
+        prewarm="auto",
+        warm_schedule=None,
+    )

@@ -38,10 +38,9 @@ from ember.core.budgets import (
     PolicyError,
     admit,
     alert_due,
-    allowed_request,
     gpu_cap,
-    gpu_cap_never,
     period_bounds,
+    policy_request,
 )
 from ember.core.jobs import (
     JobStatus,
@@ -580,17 +579,10 @@ class ControlPlane:
         return rules
 
     def _gpu_request(self, spec: FunctionSpec, rules: Policy | None) -> tuple[GpuRequest, ...]:
-        """The GPU options a policy leaves a function (PolicyDenied when none could ever run)."""
         try:
-            request = allowed_request(rules, spec.gpu)
+            return policy_request(rules, spec.gpu)
         except PolicyError as exc:
             raise PolicyDenied(str(exc)) from None
-        if request and rules is not None:
-            within = tuple(g for g in request if gpu_cap_never(rules, g.count) is None)
-            if not within:
-                raise PolicyDenied(str(gpu_cap_never(rules, min(g.count for g in request))))
-            request = within
-        return request
 
     def spent(self, workspace: str, rules: Policy, now: float) -> float:
         """A policy's spend this period: its records, plus what its live workers have used

@@ -12,6 +12,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from ember.core.autoscaler import WorkerState, WorkerView
+from ember.core.budgets import pool_scaling
 from ember.core.jobs import JobStatus
 from ember.core.metering import Phase
 from ember.core.prewarm import IdleHistogram
@@ -267,14 +268,12 @@ class AppState:
 
 
 def policy_pool(base: Pool, policy: str) -> Pool:
-    """A unit's pool for one policy's calls: it scales from zero (no `min_workers` or buffer
-    kept warm on every policy's account); the function's other settings hold."""
-    scaling = replace(base.spec.scaling, min_workers=0, buffer_workers=0, warm_schedule=None)
+    """A unit's pool for one policy's calls (its scaling: `core.budgets.pool_scaling`)."""
     return Pool(
         base.app,
         base.version,
         base.unit,
-        replace(base.spec, scaling=scaling),
+        replace(base.spec, scaling=pool_scaling(base.spec.scaling)),
         base.bundle,
         workspace=base.workspace,
         policy=policy,

@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from ember.core.spec import GpuRequest, SpecError, parse_tags
+from ember.core.names import NAME_RE
+from ember.core.spec import GpuRequest, ScalingSpec, SpecError, parse_tags
 
 PERIODS = ("day", "week", "month")
 ACTIONS = ("alert", "block")
@@ -38,7 +39,6 @@ _PERIOD_ALIASES = {
     "monthly": "month",
 }
 _ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GPU_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _AMOUNT_RE = re.compile(
     r"^\s*(?P<dollar>\$)?\s*(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<cur>[^\s0-9.]+)?\s*$"
@@ -169,7 +169,7 @@ def make_policy(
     webhook: Any = None,
 ) -> Policy:
     """Build a Policy from user options, or raise PolicyError saying what to change."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise PolicyError(
             f"policy name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
             "(starting with a letter or digit)"
@@ -351,3 +351,24 @@ def gpu_cap_never(policy: Policy | None, need: int) -> str | None:
         f"one worker of this function needs {need}: raise the policy's max_gpus to at least "
         f"{need}, or ask for fewer GPUs in gpu="
     )
+
+
+def policy_request(
+    policy: Policy | None, request: tuple[GpuRequest, ...]
+) -> tuple[GpuRequest, ...]:
+    """The GPU options a function keeps under a policy: the allowed types, each small enough for
+    its max_gpus. PolicyError when none is left: such a call could never run, so it is refused
+    instead of waiting forever."""
+    kept = allowed_request(policy, request)
+    if policy is None or not kept:
+        return kept
+    within = tuple(g for g in kept if gpu_cap_never(policy, g.count) is None)
+    if not within:
+        raise PolicyError(str(gpu_cap_never(policy, min(g.count for g in kept))))
+    return within
+
+
+def pool_scaling(scaling: ScalingSpec) -> ScalingSpec:
+    """The scaling of a function's pool for one policy's calls: from zero, no `min_workers`,
+    buffer or warm schedule kept warm on every policy's account; the rest as the function says."""
+    return replace(scaling, min_workers=0, buffer_workers=0, warm_schedule=None)

@@ -43,7 +43,7 @@ app = ember.App("aud")
 
 @app.function()
 def nap(s: float) -> float:
-    time.sleep(s)
+    time.sleep(s)  # sleep-ok: the deployed function's simulated work
     return s
 """
 

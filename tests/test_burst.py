@@ -19,7 +19,7 @@ app = ember.App("burst")
 
 @app.function(max_workers=8, idle_timeout=30)
 def work(i: int) -> list:
-    time.sleep(0.02)
+    time.sleep(0.02)  # sleep-ok: the deployed function's simulated work
     return [i, os.getpid()]
 """
 

@@ -39,7 +39,7 @@ def info(name: str, tags: list[str] | None = None) -> dict:
 def sleepy(s: float) -> float:
     deadline = time.monotonic() + s
     while time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)  # sleep-ok: the deployed function's simulated work
     return s
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from stats import cmdline, cpu_seconds, log, machine, parent_pid, smaps_rollup, summary
+from stats import closed_loop, cmdline, cpu_seconds, log, machine, parent_pid, smaps_rollup, summary
 
 from ember.testing import LocalServer, WorkersOutlived, pid_alive, wait_for, worker_pids
 
@@ -193,36 +193,7 @@ Load = tuple[list[float], int, float]
 
 
 def _threads_load(server: BenchServer, clients: int, duration: float) -> Load:
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    start = threading.Barrier(clients + 1)
-    stop_at = [0.0]
-
-    def worker(i: int) -> None:
-        with server.http_client() as client:
-            call(client, "noop")  # open the connection before the clock starts
-            start.wait()
-            mine = latencies[i]
-            while time.perf_counter() < stop_at[0]:
-                t0 = time.perf_counter()
-                try:
-                    call(client, "noop")
-                except Exception:
-                    errors[i] += 1
-                    continue
-                mine.append((time.perf_counter() - t0) * 1000)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    stop_at[0] = time.perf_counter() + 3600
-    start.wait()
-    t0 = time.perf_counter()
-    stop_at[0] = t0 + duration
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    return [x for lat in latencies for x in lat], sum(errors), elapsed
+    return closed_loop(clients, duration, server.http_client, lambda c: call(c, "noop"))
 
 
 def _asyncio_load(server: BenchServer, clients: int, duration: float) -> Load:

@@ -38,7 +38,7 @@ import httpx
 import ray
 from ray import serve
 from starlette.requests import Request
-from stats import log, machine, summary
+from stats import closed_loop, cmdline, log, machine, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "ray_serve.json"
@@ -133,14 +133,6 @@ def cpu_seconds(pid: int) -> float:
     if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def descendants(root: int) -> set[int]:
@@ -240,50 +232,33 @@ def bench_warm(url: str, n: int, warmup: int) -> dict[str, Any]:
 
 
 def bench_throughput(url: str, clients: int, duration: float, session_dir: str) -> dict[str, Any]:
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    start = threading.Barrier(clients + 1)
-    stop_at = [time.perf_counter() + 3600]
-
-    def worker(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            call(client, "/noop")  # open the connection before the clock starts
-            start.wait()
-            mine = latencies[i]
-            while time.perf_counter() < stop_at[0]:
-                t0 = time.perf_counter()
-                try:
-                    call(client, "/noop")
-                except Exception:
-                    errors[i] += 1
-                    continue
-                mine.append((time.perf_counter() - t0) * 1000)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
     pids = ray_processes(session_dir)
-    before = {p: cpu_seconds(p) for p in pids}
-    client_before = time.process_time()
-    start.wait()
-    t0 = time.perf_counter()
-    stop_at[0] = t0 + duration
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    before: dict[int, float] = {}
+    client_before = [0.0]
+
+    def on_start() -> None:
+        before.update({p: cpu_seconds(p) for p in pids})
+        client_before[0] = time.process_time()
+
+    flat, errors, elapsed = closed_loop(
+        clients,
+        duration,
+        lambda: httpx.Client(base_url=url, timeout=60),
+        lambda c: call(c, "/noop"),
+        on_start,
+    )
     cpu: dict[str, float] = {}
     for p in pids:
         cpu[role(p)] = cpu.get(role(p), 0.0) + cpu_seconds(p) - before[p]
     cpu = {k: round(v, 2) for k, v in sorted(cpu.items())}
-    cpu["client"] = round(time.process_time() - client_before, 2)
-    flat = [x for lat in latencies for x in lat]
+    cpu["client"] = round(time.process_time() - client_before[0], 2)
     return {
         "what": f"{clients} concurrent closed-loop clients, POST /noop",
         "clients": clients,
         "client_mode": "threads, each with its own httpx.Client (keep-alive)",
         "duration_s": round(elapsed, 3),
         "calls": len(flat),
-        "errors": sum(errors),
+        "errors": errors,
         "calls_per_s": round(len(flat) / elapsed, 1),
         "latency": summary(flat),
         "cpu_s": cpu,

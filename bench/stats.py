@@ -9,7 +9,13 @@ import os
 import platform
 import statistics
 import sys
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+C = TypeVar("C")
 
 
 def log(msg: str) -> None:
@@ -116,3 +122,45 @@ def machine(**versions: str) -> dict[str, Any]:
         "platform": platform.platform(),
         **versions,
     }
+
+
+def closed_loop(
+    clients: int,
+    duration: float,
+    connect: Callable[[], AbstractContextManager[C]],
+    call: Callable[[C], None],
+    on_start: Callable[[], None] = lambda: None,
+) -> tuple[list[float], int, float]:
+    """`clients` threads, each with its own client (`connect`), calling `call` back to back for
+    `duration` seconds once every one has made a first call (its connection is open before the
+    clock starts); `on_start` runs just before. Latencies (ms), errors, seconds elapsed."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start = threading.Barrier(clients + 1)
+    stop_at = [time.perf_counter() + 3600]
+
+    def worker(i: int) -> None:
+        with connect() as client:
+            call(client)
+            start.wait()
+            mine = latencies[i]
+            while time.perf_counter() < stop_at[0]:
+                t0 = time.perf_counter()
+                try:
+                    call(client)
+                except Exception:
+                    errors[i] += 1
+                    continue
+                mine.append((time.perf_counter() - t0) * 1000)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    on_start()
+    start.wait()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + duration
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return [x for lat in latencies for x in lat], sum(errors), elapsed

@@ -2,7 +2,9 @@
 
 Callers on the event loop enqueue a statement and, when they need durability before answering
 (an accepted `/run`), await the returned future; everyone else fires and forgets. Under load, one
-commit covers many jobs, so the store is never the bottleneck.
+commit covers many jobs, so the store is never the bottleneck. Within a batch, consecutive runs of
+one statement with a row each (a job accepted, a job finished) go to the database as one
+executemany: one compiled statement for the lot, not one per row.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -59,7 +62,7 @@ class Writer:
         error: BaseException | None = None
         try:
             with self.engine.begin() as conn:
-                for op, _ in items:
+                for op in _grouped([op for op, _ in items]):
                     op(conn)
         except BaseException as exc:  # one bad op must not lose the others: retry one by one
             error = exc
@@ -73,16 +76,50 @@ class Writer:
             self.loop.call_soon_threadsafe(_settle, fut, error)
 
 
-def execute(stmt: Any, params: Any = None) -> Op:
-    """An Op running one statement (with optional parameters, a dict or a list of dicts)."""
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """An Op running one statement, with optional parameters: a dict, or a list of dicts."""
 
-    def op(conn: Connection) -> None:
-        if params is None:
-            conn.execute(stmt)
+    stmt: Any
+    params: Any = None
+
+    def __call__(self, conn: Connection) -> None:
+        if self.params is None:
+            conn.execute(self.stmt)
         else:
-            conn.execute(stmt, params)
+            conn.execute(self.stmt, self.params)
 
-    return op
+
+execute = Execute
+
+
+def _grouped(ops: list[Op]) -> list[Op]:
+    """`ops` in order, with each run of one statement on single rows of the same columns joined
+    into one Execute of all their rows."""
+    out: list[Op] = []
+    rows: list[dict[str, Any]] = []  # the rows of out[-1], while it is a group
+    for op in ops:
+        if isinstance(op, Execute) and isinstance(op.params, dict):
+            last = out[-1] if out else None
+            if (
+                rows
+                and isinstance(last, Execute)
+                and last.stmt is op.stmt
+                and rows[0].keys() == op.params.keys()
+            ):
+                rows.append(op.params)
+                continue
+            rows = [op.params]
+            out.append(Execute(op.stmt, rows))
+        else:
+            rows = []
+            out.append(op)
+    return [
+        Execute(op.stmt, op.params[0])
+        if isinstance(op, Execute) and isinstance(op.params, list) and len(op.params) == 1
+        else op
+        for op in out
+    ]
 
 
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:

@@ -34,6 +34,15 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status)
 
 
+def render(exc: StarletteHTTPException) -> JSONResponse:
+    """The JSON answer for an HTTP error: an ApiException's code and fields, or one made from
+    the status."""
+    code = getattr(exc, "code", None) or _code_for(exc.status_code)
+    response = error_response(exc.status_code, code, str(exc.detail), getattr(exc, "extra", None))
+    response.headers.update(exc.headers or {})
+    return response
+
+
 def _code_for(status: int) -> str:
     try:
         return HTTPStatus(status).phrase.lower().replace(" ", "_")
@@ -59,11 +68,7 @@ def _allowed(request: Request) -> list[str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or _code_for(exc.status_code)
-        response = error_response(
-            exc.status_code, code, str(exc.detail), getattr(exc, "extra", None)
-        )
-        response.headers.update(exc.headers or {})
+        response = render(exc)
         if exc.status_code == 405:
             response.headers["Allow"] = ", ".join(_allowed(request))
         return response

@@ -29,6 +29,9 @@ from ember.control.plane import (
 from ember.control.records import InputError, Job
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
+RUNSYNC_WAIT = 60.0
+"""How long /runsync waits for the job before answering 202, unless `wait` says otherwise."""
+RUNSYNC_MAX_WAIT = 3600.0
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -153,6 +156,25 @@ def _submit(
         raise ApiException(422, "invalid_input", "input is nested too deeply") from None
 
 
+async def queue_job(request: Request, who: Principal, app: str, fn: str) -> Response:
+    """POST .../run, once the caller is known (also served by `ember.api.invoke`)."""
+    job, durable = _submit(request, who, app, fn, await _input_of(request))
+    await durable
+    return JSONResponse({"id": job.id, "status": "IN_QUEUE"}, status_code=202)
+
+
+async def run_job(request: Request, who: Principal, app: str, fn: str, wait: float) -> Response:
+    """POST .../runsync, once the caller is known (also served by `ember.api.invoke`)."""
+    job, durable = _submit(request, who, app, fn, await _input_of(request))
+    try:
+        async with asyncio.timeout(wait):  # no task per call, unlike asyncio.wait_for
+            await job.done.wait()
+    except TimeoutError:
+        await durable
+        return JSONResponse(job.body(), status_code=202)
+    return JSONResponse(job.body())
+
+
 @router.post(
     "/apps/{app}/{fn}/run",
     status_code=202,
@@ -164,9 +186,7 @@ async def run(
     request: Request, app: str, fn: str, who: Principal = Depends(need_invoke)
 ) -> Response:
     """Queue a job; it is durable before this answers."""
-    job, durable = _submit(request, who, app, fn, await _input_of(request))
-    await durable
-    return JSONResponse({"id": job.id, "status": "IN_QUEUE"}, status_code=202)
+    return await queue_job(request, who, app, fn)
 
 
 @router.post(
@@ -182,17 +202,13 @@ async def runsync(
     request: Request,
     app: str,
     fn: str,
-    wait: float = Query(60.0, ge=0, le=3600, description="seconds to wait before answering 202"),
+    wait: float = Query(
+        RUNSYNC_WAIT, ge=0, le=RUNSYNC_MAX_WAIT, description="seconds to wait before answering 202"
+    ),
     who: Principal = Depends(need_invoke),
 ) -> Response:
     """Run a job and answer with its body once it ends, or 202 after `wait` seconds."""
-    job, durable = _submit(request, who, app, fn, await _input_of(request))
-    try:
-        await asyncio.wait_for(job.done.wait(), wait)
-    except TimeoutError:
-        await durable
-        return JSONResponse(job.body(), status_code=202)
-    return JSONResponse(job.body())
+    return await run_job(request, who, app, fn, wait)
 
 
 async def _job(request: Request, who: Principal, job_id: str) -> Job | dict[str, Any]:

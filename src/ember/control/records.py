@@ -33,9 +33,12 @@ class FunctionMeta:
     params: dict[str, Any]
     spec: FunctionSpec
     validator: Draft202012Validator = field(init=False, repr=False)
+    empty_ok: bool = field(init=False, repr=False)
+    """The schema accepts `{}`: a call without arguments needs no schema pass (a warm path)."""
 
     def __post_init__(self) -> None:
         self.validator = Draft202012Validator(self.params.get("schema") or {})
+        self.empty_ok = self.validator.is_valid({})
 
     def validate(self, input: Any) -> None:
         if not isinstance(input, dict):
@@ -51,6 +54,8 @@ class FunctionMeta:
         missing = [k for k in self.params.get("required", []) if k not in input]
         if missing:
             raise InputError(f"missing required argument '{missing[0]}' of {self.name}")
+        if not input and self.empty_ok:
+            return
         error = next(
             iter(sorted(self.validator.iter_errors(input), key=lambda e: list(e.path))), None
         )

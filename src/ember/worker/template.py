@@ -16,6 +16,7 @@ its stdin closes (the server is gone) it exits, and its workers follow (they wat
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -114,6 +115,10 @@ def main() -> None:
         sys.exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
+    # What the forks inherit stays out of their collections: the GC would otherwise write to
+    # every inherited object's header and copy the page it lies on into each fork.
+    gc.collect()
+    gc.freeze()
     _send(proto_out, {"t": "ready", "ms": ready_ms})
     private = [proto_in.fileno(), proto_out.fileno()]
     pending = b""

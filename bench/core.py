@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import loadgen
 from stats import closed_loop, cmdline, cpu_seconds, log, machine, parent_pid, smaps_rollup, summary
 
 from ember.testing import LocalServer, WorkersOutlived, pid_alive, wait_for, worker_pids
@@ -86,15 +87,6 @@ def work(i: int) -> list:
     return [i, os.getpid()]
 """
 
-# Ray Serve 2.60 on a 2-core machine like this one, as given in issue 2 (not re-measured here).
-RAY_SERVE_REFERENCE: dict[str, Any] = {
-    "source": "issue 2 (Ray Serve 2.60, 2-core machine); not re-measured in this run",
-    "warm_p50_ms": [4.0, 6.0],
-    "warm_p99_ms": [8.0, 14.0],
-    "throughput_calls_per_s": 270.0,
-    "cold_start_s": [7.0, 17.0],
-}
-
 
 class BenchServer(LocalServer):
     """`ember server` on a free port with a temporary data dir, plus what the benchmark needs:
@@ -116,11 +108,14 @@ class BenchServer(LocalServer):
         """A fresh keep-alive httpx.Client on this server, with the token."""
         return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
 
-    def deploy(self, source: str, filename: str = "bench_app.py") -> None:
+    def deploy(self, source: str, filename: str = "bench_app.py", gpu: str | None = None) -> None:
+        """`gpu`: EMBER_EXAMPLE_GPU for examples/embeddings.py, read at deploy (none: CPU)."""
         path = self.root / filename
         path.write_text(source)
         env = self.env
-        env.pop("EMBER_EXAMPLE_GPU", None)  # read by examples/embeddings.py at deploy: CPU here
+        env.pop("EMBER_EXAMPLE_GPU", None)
+        if gpu:
+            env["EMBER_EXAMPLE_GPU"] = gpu
         proc = subprocess.run(
             [sys.executable, "-m", "ember.cli.main", "deploy", str(path)],
             env=env,
@@ -158,26 +153,37 @@ def call(
     return body
 
 
+def _completed(status: int, body: bytes) -> None:
+    if status != 200 or b'"status":"COMPLETED"' not in body:
+        raise RuntimeError(f"runsync: HTTP {status}: {body[:300]!r}")
+
+
 def bench_warm(server: BenchServer, n: int, warmup: int) -> dict[str, Any]:
-    """Sequential POST /runsync of a no-op on a warm worker, one keep-alive connection."""
-    rtt: list[float] = []
+    """Sequential POST /runsync of a no-op on a warm worker, one keep-alive connection: from the
+    light client (the figure), then from httpx (what a general Python client adds)."""
+    url = server.url + runsync_path("noop")
+    request = loadgen.request_bytes("POST", url, {"input": {}}, server.headers)
     server_total: list[float] = []
-    health: list[float] = []
+
+    def check(status: int, body: bytes) -> None:
+        _completed(status, body)
+        server_total.append(json.loads(body)["timings"]["total_ms"])
+
+    rtt = loadgen.sequential(server.url, request, check, n, warmup)
+    del server_total[:warmup]
+    health_request = loadgen.request_bytes("GET", server.url + "/v1/health")
+    health = loadgen.sequential(server.url, health_request, lambda s, b: None, n, warmup)
+    via_httpx: list[float] = []
     with server.http_client() as client:
         for _ in range(warmup):
             call(client, "noop")
-            client.get("/v1/health")
         for _ in range(n):
             t0 = time.perf_counter()
-            body = call(client, "noop")
-            rtt.append((time.perf_counter() - t0) * 1000)
-            server_total.append(body["timings"]["total_ms"])
-        for _ in range(n):  # the same client and server, no job: the HTTP stack alone
-            t0 = time.perf_counter()
-            client.get("/v1/health").raise_for_status()
-            health.append((time.perf_counter() - t0) * 1000)
+            call(client, "noop")
+            via_httpx.append((time.perf_counter() - t0) * 1000)
     return {
-        "what": "sequential POST /v1/apps/bench/noop/runsync, one keep-alive httpx.Client",
+        "what": "sequential POST /v1/apps/bench/noop/runsync on one keep-alive connection, "
+        "from bench/loadgen.py (a light HTTP/1.1 client)",
         "n": n,
         "warmup": warmup,
         **summary(rtt),
@@ -185,11 +191,20 @@ def bench_warm(server: BenchServer, n: int, warmup: int) -> dict[str, Any]:
         "server_total_note": "the job's own total_ms: accepted to finished, inside the server",
         "http_baseline_ms": summary(health),
         "http_baseline_note": "GET /v1/health round trip, same client: HTTP + uvicorn alone",
+        "httpx_ms": summary(via_httpx),
+        "httpx_note": "the same calls from one keep-alive httpx.Client, as the SDK makes them: "
+        "the difference is the Python client's own time",
     }
 
 
 Load = tuple[list[float], int, float]
 """Latencies (ms), errors, seconds from the first call to the last answer."""
+
+
+def _raw_load(server: BenchServer, clients: int, duration: float) -> Load:
+    url = server.url + runsync_path("noop")
+    request = loadgen.request_bytes("POST", url, {"input": {}}, server.headers)
+    return loadgen.closed_loop(server.url, request, _completed, clients, duration)
 
 
 def _threads_load(server: BenchServer, clients: int, duration: float) -> Load:
@@ -232,11 +247,18 @@ def _asyncio_load(server: BenchServer, clients: int, duration: float) -> Load:
     return asyncio.run(run())
 
 
+CLIENT_MODES: dict[str, tuple[Callable[[BenchServer, int, float], Load], str]] = {
+    "light": (_raw_load, "asyncio, bench/loadgen.py, a keep-alive connection per client"),
+    "threads": (_threads_load, "threads, each with its own httpx.Client (keep-alive)"),
+    "asyncio": (_asyncio_load, "asyncio, one httpx.AsyncClient with a connection per client"),
+}
+
+
 def bench_throughput(
     server: BenchServer, clients: int, duration: float, mode: str
 ) -> dict[str, Any]:
     """`clients` closed-loop clients calling the no-op for `duration` seconds."""
-    load = _threads_load if mode == "threads" else _asyncio_load
+    load, described = CLIENT_MODES[mode]
     assert server.proc is not None
     worker_pids = [w["pid"] for w in server.workers() if w["pid"]]
     pids = {"server": [server.proc.pid], "workers": worker_pids}
@@ -245,20 +267,18 @@ def bench_throughput(
     latencies, errors, elapsed = load(server, clients, duration)
     cpu = {k: round(sum(cpu_seconds(p) for p in v) - before[k], 2) for k, v in pids.items()}
     cpu["client"] = round(time.process_time() - client_before, 2)
+    calls = len(latencies)
     return {
         "what": f"{clients} concurrent closed-loop clients, POST runsync of the no-op",
         "clients": clients,
-        "client_mode": (
-            "threads, each with its own httpx.Client (keep-alive)"
-            if mode == "threads"
-            else "asyncio, one httpx.AsyncClient with a connection per client"
-        ),
+        "client_mode": described,
         "duration_s": round(elapsed, 3),
-        "calls": len(latencies),
+        "calls": calls,
         "errors": errors,
-        "calls_per_s": round(len(latencies) / elapsed, 1),
+        "calls_per_s": round(calls / elapsed, 1),
         "latency": summary(latencies),
         "cpu_s": cpu,
+        "cpu_ms_per_call": {k: round(v * 1000 / calls, 3) for k, v in cpu.items()} if calls else {},
         "cpu_note": "CPU seconds used during the run by the server, its workers and this client "
         "(all on the same cores)",
     }
@@ -442,6 +462,65 @@ def bench_burst(server: BenchServer, n: int, clients: int) -> dict[str, Any]:
     }
 
 
+def bench_burst_runsync(server: BenchServer, n: int) -> dict[str, Any]:
+    """`n` POST /runsync at once to `work` from zero, each on its own connection (opened
+    beforehand): the same requests, client and sampling as bench/ray_serve.py's burst."""
+    unit = "work"
+    with server.http_client() as client:
+        wait_for_zero(client, APP, unit)
+    url = server.url + runsync_path(unit)
+    requests = [
+        loadgen.request_bytes("POST", url, {"input": {"i": i}}, server.headers) for i in range(n)
+    ]
+    samples: list[tuple[float, int, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with server.http_client() as client:
+            while not done.is_set():
+                workers = unit_workers(client, APP, unit)
+                busy = sum(1 for w in workers if w["state"] == "BUSY")
+                samples.append((time.perf_counter(), len(workers), busy))
+                done.wait(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        t0 = time.perf_counter()
+        answers, last = loadgen.burst(server.url, requests)
+    finally:
+        done.set()
+        watcher.join()
+    bodies = [json.loads(body) for _, body in answers]
+    bad = [
+        b
+        for (status, _), b in zip(answers, bodies, strict=True)
+        if status != 200 or b["status"] != "COMPLETED"
+    ]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of the burst's calls did not complete: {bad[0]}")
+    if [b["output"][0] for b in bodies] != list(range(n)):
+        raise RuntimeError("the burst's results do not match their inputs")
+
+    def first(at_least: int, column: int) -> float:
+        return round(next((s[0] for s in samples if s[column] >= at_least), math.nan) - t0, 3)
+
+    return {
+        "what": f"{n} POST /v1/apps/{APP}/{unit}/runsync at once, each on its own keep-alive "
+        "connection opened beforehand (bench/loadgen.py), to a function with "
+        f"max_workers={BURST_MAX_WORKERS} and no worker at the start, "
+        f"{BURST_WORK_S * 1000:.0f} ms of blocking work per call, one call at a time per worker; "
+        "the pool sampled with GET /v1/workers every 20 ms",
+        "n": n,
+        "to_last_result_s": round(last, 3),
+        "to_8_workers_s": first(BURST_MAX_WORKERS, 1),
+        "to_8_busy_workers_s": first(BURST_MAX_WORKERS, 2),
+        "peak_workers": max((s[1] for s in samples), default=0),
+        "workers_that_served": len({b["output"][1] for b in bodies}),
+        "ideal_s": round(n * BURST_WORK_S / BURST_MAX_WORKERS, 3),
+    }
+
+
 MODEL_TEXT = "A man is playing a guitar."
 MODEL_LONG_TEXT = " ".join(
     ["The quick brown fox jumps over the lazy dog."] * 30
@@ -496,12 +575,17 @@ def wait_for_template(server: BenchServer, exclude: set[int], timeout: float = 3
 
 
 def deploy_model(
-    server: BenchServer, templates: bool, max_workers: int, idle_timeout: int
+    server: BenchServer,
+    templates: bool,
+    max_workers: int,
+    idle_timeout: int,
+    gpu: str | None = None,
 ) -> int | None:
-    """Deploy the example with these pool settings; wait until the deploy has settled (its
-    template loaded, with templates). Returns the template's pid, if any."""
+    """Deploy the example with these pool settings (and GPU type, if any); wait until the deploy
+    has settled (its template loaded, with templates). Returns the template's pid, if any."""
     before = set(server.templates())
-    server.deploy(embeddings_source(max_workers, idle_timeout), filename="embeddings.py")
+    source = embeddings_source(max_workers, idle_timeout)
+    server.deploy(source, filename="embeddings.py", gpu=gpu)
     if not templates:
         time.sleep(1.0)  # nothing to wait for but the deploy's own work
         return None
@@ -679,9 +763,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument(
         "--client-mode",
-        choices=("threads", "asyncio"),
-        default="threads",
-        help="throughput clients: threads with an httpx.Client each, or asyncio (default threads)",
+        choices=tuple(CLIENT_MODES),
+        default="light",
+        help="throughput clients: bench/loadgen.py (light, the default), threads with an "
+        "httpx.Client each, or one httpx.AsyncClient (asyncio)",
     )
     parser.add_argument("--cold-n", type=int, help="cold starts from zero (default 20)")
     parser.add_argument(
@@ -768,6 +853,8 @@ def main() -> int:
         if burst_n > 0:
             log(f"burst: {burst_n} jobs at once, 0 -> at most {BURST_MAX_WORKERS} workers")
             out["burst"] = bench_burst(server, burst_n, args.burst_clients)
+            log(f"burst: {burst_n} runsync calls at once, as bench/ray_serve.py sends them")
+            out["burst_runsync"] = bench_burst_runsync(server, burst_n)
         return out
 
     core_result, ok = with_server(BenchServer(root / "core"), core)
@@ -825,18 +912,6 @@ def main() -> int:
     if ok:
         shutil.rmtree(root, ignore_errors=True)
 
-    warm, tp, cold = result["warm_runsync"], result["throughput"], result["cold_start"]
-    ref = RAY_SERVE_REFERENCE
-    result["ray_serve_reference"] = ref
-    cold_p50_s = cold["end_to_end"]["p50_ms"] / 1000
-    result["ray_serve_over_ember"] = {
-        "note": "Ray Serve figure / ember figure (latency: >1 means ember is faster; "
-        "throughput: ember / Ray Serve, >1 means ember is faster)",
-        "warm_p50": [round(x / warm["p50_ms"], 1) for x in ref["warm_p50_ms"]],
-        "warm_p99": [round(x / warm["p99_ms"], 1) for x in ref["warm_p99_ms"]],
-        "throughput": round(tp["calls_per_s"] / ref["throughput_calls_per_s"], 1),
-        "cold_start_p50": [round(x / cold_p50_s) for x in ref["cold_start_s"]],
-    }
     text = json.dumps(result, indent=2)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,16 +10,16 @@ Progress goes to stderr. Ray is not a dependency of ember: run this from its own
     .venv-ray/bin/python bench/ray_serve.py          # full: N=2000 warm, 10 s at 32 clients, ...
     .venv-ray/bin/python bench/ray_serve.py --quick  # a smoke check
 
-Measured, as in bench/core.py: warm round trip (sequential POST of JSON, one keep-alive
-httpx.Client), throughput (32 threads with an httpx.Client each, closed loop), cold start from
-zero, and a burst 0 -> N (N requests at once to an autoscaled deployment of at most 8 replicas).
+Measured as bench/core.py measures ember, with the same light client (bench/loadgen.py): warm
+round trip (sequential POST of JSON on one keep-alive connection; httpx too, for reference),
+throughput (32 closed-loop connections), cold start from zero, and a burst 0 -> N (N requests at
+once, a connection each, to an autoscaled deployment of at most 8 replicas).
 This is a benchmark, not a test: it asserts nothing about speed.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
@@ -35,10 +35,11 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import httpx
+import loadgen
 import ray
 from ray import serve
 from starlette.requests import Request
-from stats import closed_loop, cmdline, log, machine, summary
+from stats import cmdline, log, machine, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "ray_serve.json"
@@ -206,63 +207,63 @@ def call(client: httpx.Client, path: str, payload: Any = None) -> Any:
     return resp.json()
 
 
+def _ok(status: int, body: bytes) -> None:
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+
+
 def bench_warm(url: str, n: int, warmup: int) -> dict[str, Any]:
-    rtt: list[float] = []
-    health: list[float] = []
+    """As bench/core.py: from the light client, then the same calls from httpx."""
+    request = loadgen.request_bytes("POST", url + "/noop", {"input": {}})
+    rtt = loadgen.sequential(url, request, _ok, n, warmup)
+    health_request = loadgen.request_bytes("GET", url + "/-/healthz")
+    health = loadgen.sequential(url, health_request, _ok, n, warmup)
+    via_httpx: list[float] = []
     with httpx.Client(base_url=url, timeout=60) as client:
         for _ in range(warmup):
             call(client, "/noop")
-            client.get("/-/healthz")
         for _ in range(n):
             t0 = time.perf_counter()
             call(client, "/noop")
-            rtt.append((time.perf_counter() - t0) * 1000)
-        for _ in range(n):  # the same client and proxy, no replica: the HTTP stack alone
-            t0 = time.perf_counter()
-            client.get("/-/healthz").raise_for_status()
-            health.append((time.perf_counter() - t0) * 1000)
+            via_httpx.append((time.perf_counter() - t0) * 1000)
     return {
-        "what": "sequential POST /noop (JSON body), one keep-alive httpx.Client",
+        "what": "sequential POST /noop (JSON body) on one keep-alive connection, from "
+        "bench/loadgen.py (a light HTTP/1.1 client)",
         "n": n,
         "warmup": warmup,
         **summary(rtt),
         "http_baseline_ms": summary(health),
         "http_baseline_note": "GET /-/healthz round trip, same client: Serve's HTTP proxy alone",
+        "httpx_ms": summary(via_httpx),
+        "httpx_note": "the same calls from one keep-alive httpx.Client",
     }
 
 
 def bench_throughput(url: str, clients: int, duration: float, session_dir: str) -> dict[str, Any]:
     pids = ray_processes(session_dir)
-    before: dict[int, float] = {}
-    client_before = [0.0]
-
-    def on_start() -> None:
-        before.update({p: cpu_seconds(p) for p in pids})
-        client_before[0] = time.process_time()
-
-    flat, errors, elapsed = closed_loop(
-        clients,
-        duration,
-        lambda: httpx.Client(base_url=url, timeout=60),
-        lambda c: call(c, "/noop"),
-        on_start,
-    )
+    request = loadgen.request_bytes("POST", url + "/noop", {"input": {}})
+    before = {p: cpu_seconds(p) for p in pids}
+    client_before = time.process_time()
+    flat, errors, elapsed = loadgen.closed_loop(url, request, _ok, clients, duration)
     cpu: dict[str, float] = {}
     for p in pids:
         cpu[role(p)] = cpu.get(role(p), 0.0) + cpu_seconds(p) - before[p]
     cpu = {k: round(v, 2) for k, v in sorted(cpu.items())}
-    cpu["client"] = round(time.process_time() - client_before[0], 2)
+    cpu["client"] = round(time.process_time() - client_before, 2)
+    calls = len(flat)
     return {
         "what": f"{clients} concurrent closed-loop clients, POST /noop",
         "clients": clients,
-        "client_mode": "threads, each with its own httpx.Client (keep-alive)",
+        "client_mode": "asyncio, bench/loadgen.py, a keep-alive connection per client",
         "duration_s": round(elapsed, 3),
-        "calls": len(flat),
+        "calls": calls,
         "errors": errors,
-        "calls_per_s": round(len(flat) / elapsed, 1),
+        "calls_per_s": round(calls / elapsed, 1),
         "latency": summary(flat),
         "cpu_s": cpu,
-        "cpu_note": "CPU seconds used during the run by Ray's processes (by role) and this client",
+        "cpu_ms_per_call": {k: round(v * 1000 / calls, 3) for k, v in cpu.items()} if calls else {},
+        "cpu_note": "CPU seconds used during the run by Ray's processes (by role) and this client "
+        "(the connections are opened and used once before the CPU count starts)",
     }
 
 
@@ -298,49 +299,44 @@ def bench_cold(url: str, n: int) -> dict[str, Any]:
 
 
 def bench_burst(url: str, n: int) -> dict[str, Any]:
-    """`n` requests at once to `Work` (0 replicas, at most 8): time to 8 running replicas and to
-    the last result."""
+    """`n` requests at once to `Work` (0 replicas, at most 8), each on its own connection opened
+    beforehand (as bench/core.py's burst_runsync): time to 8 running replicas and to the last
+    result."""
     wait_for(lambda: not replica_states("burst", "Work"), 120, "burst deployment at zero", 0.05)
+    requests = [
+        loadgen.request_bytes("POST", url + "/burst", {"input": {"i": i}}) for i in range(n)
+    ]
     samples: list[tuple[float, int]] = []
     done = threading.Event()
-    t0 = [0.0]
 
     def watch() -> None:
         while not done.is_set():
             samples.append((time.perf_counter(), running("burst", "Work")))
             done.wait(0.02)
 
-    async def fire() -> list[Any]:
-        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-
-            async def one(i: int) -> Any:
-                resp = await client.post("/burst", json={"input": {"i": i}})
-                resp.raise_for_status()
-                return resp.json()
-
-            t0[0] = time.perf_counter()
-            return await asyncio.gather(*(one(i) for i in range(n)))
-
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        results = asyncio.run(fire())
-        last = time.perf_counter() - t0[0]
+        t0 = time.perf_counter()
+        answers, last = loadgen.burst(url, requests)
     finally:
         done.set()
         watcher.join()
+    bad = [(status, body[:200]) for status, body in answers if status != 200]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of the burst's requests failed: {bad[0]}")
+    results = [json.loads(body) for _, body in answers]
     assert [r[0] for r in results] == list(range(n))
-    pids = {r[1] for r in results}
-    to_8 = next((t - t0[0] for t, k in samples if k >= 8 and t >= t0[0]), math.nan)
+    to_8 = next((t - t0 for t, k in samples if k >= 8), math.nan)
     return {
-        "what": f"{n} POST /burst at once (asyncio, one httpx.AsyncClient, a connection each) "
-        "to a deployment at 0 replicas, autoscaling to at most 8, 20 ms of work per request",
+        "what": f"{n} POST /burst at once, each on its own keep-alive connection opened "
+        "beforehand (bench/loadgen.py), to a deployment at 0 replicas, autoscaling to at most 8, "
+        "20 ms of work per request",
         "n": n,
         "to_last_result_s": round(last, 3),
         "to_8_running_replicas_s": round(to_8, 3),
         "peak_running_replicas": max((k for _, k in samples), default=0),
-        "replicas_that_served": len(pids),
+        "replicas_that_served": len({r[1] for r in results}),
         "ideal_s": round(n * 0.02 / 8, 3),
         "ideal_note": "n x 20 ms / 8 replicas: the time with 8 warm replicas and no overhead",
     }
@@ -401,7 +397,7 @@ def main() -> int:
         log(f"Ray {ray.__version__} and Serve up on {url} in {result['startup_s']} s")
         log(f"warm: {warm_n} sequential calls")
         result["warm"] = bench_warm(url, warm_n, warmup=max(50, warm_n // 10))
-        log(f"throughput: {args.clients} clients (threads) for {duration:.0f} s")
+        log(f"throughput: {args.clients} clients for {duration:.0f} s")
         result["throughput"] = bench_throughput(url, args.clients, duration, session_dir)
         log(f"cold start: {cold_n} calls from zero")
         result["cold_start"] = bench_cold(url, cold_n)

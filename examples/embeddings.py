@@ -125,6 +125,7 @@ class Embedder:
             "device": self.device,
             "gpu": torch.cuda.get_device_name(0) if self.device != "cpu" else None,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpu_indexes": os.environ.get("EMBER_GPU_INDEXES"),  # what ember assigned
             "cuda_initialized_at_load": self.cuda_initialized_at_load,  # must stay False
             "model_load_s": round(self.load_s, 4),
             "cuda_init_s": None if self.cuda_init_s is None else round(self.cuda_init_s, 4),

@@ -43,7 +43,17 @@ from typing import Any
 
 import httpx
 import loadgen
-from stats import closed_loop, cmdline, cpu_seconds, log, machine, parent_pid, smaps_rollup, summary
+from stats import (
+    closed_loop,
+    cmdline,
+    cpu_seconds,
+    emit,
+    log,
+    machine,
+    parent_pid,
+    smaps_rollup,
+    summary,
+)
 
 from ember.testing import LocalServer, WorkersOutlived, pid_alive, wait_for, worker_pids
 
@@ -912,11 +922,7 @@ def main() -> int:
     if ok:
         shutil.rmtree(root, ignore_errors=True)
 
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text + "\n")
-    log(f"written to {args.output}")
+    emit(result, args.output)
     return 0 if ok else 1
 
 

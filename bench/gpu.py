@@ -23,7 +23,6 @@ and writes it to bench/results/gpu.json. A benchmark, not a test: it asserts not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -46,7 +45,7 @@ from core import (
     wait_for_zero,
     with_server,
 )
-from stats import log, summary
+from stats import emit, log, summary
 
 from ember.backends.gpus import discover
 from ember.core.placement import parse_declared
@@ -178,7 +177,7 @@ def main() -> int:
     if not gpus or missing:
         result["skipped"] = missing or "no NVIDIA GPU here (NVML found none); try --simulate L4:2"
         log(f"skipped: {result['skipped']}")
-        print(json.dumps(result, indent=2))
+        emit(result, args.output)
         return 0
     kind = gpus[0].type
     count = sum(1 for g in gpus if g.type == kind)
@@ -205,11 +204,7 @@ def main() -> int:
     result.update(section)
     if ok:
         shutil.rmtree(root, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text + "\n")
-    log(f"written to {args.output}")
+    emit(result, args.output)
     return 0 if ok else 1
 
 

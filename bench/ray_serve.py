@@ -39,7 +39,7 @@ import loadgen
 import ray
 from ray import serve
 from starlette.requests import Request
-from stats import cmdline, log, machine, summary
+from stats import cmdline, emit, log, machine, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "ray_serve.json"
@@ -418,11 +418,7 @@ def main() -> int:
             ok = False
             log(f"left behind after shutdown: {result['ray_processes_left_after_stop']}")
 
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text + "\n")
-    log(f"written to {args.output}")
+    emit(result, args.output)
     return 0 if ok else 1
 
 

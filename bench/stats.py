@@ -4,6 +4,7 @@ virtualenv without ember."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -164,3 +166,12 @@ def closed_loop(
         t.join()
     elapsed = time.perf_counter() - t0
     return [x for lat in latencies for x in lat], sum(errors), elapsed
+
+
+def emit(result: dict[str, Any], path: Path) -> None:
+    """Print a benchmark's result as JSON and write it to `path`."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    log(f"written to {path}")

@@ -163,9 +163,9 @@ def test_wait_of(query: bytes, wait: float | None) -> None:
 
 
 def test_call_of_takes_plain_calls_only() -> None:
-    assert call_of("POST", "/v1/apps/a/f/runsync", b"") == Call("a", "f", True, RUNSYNC_WAIT)
-    assert call_of("POST", "/v1/apps/a/C.m/run", b"") == Call("a", "C.m", False, RUNSYNC_WAIT)
-    assert call_of("POST", "/v1/apps/a/f/runsync", b"wait=5") == Call("a", "f", True, 5.0)
+    assert call_of("POST", "/v1/apps/a/f/runsync", b"") == Call("a", "f", RUNSYNC_WAIT)
+    assert call_of("POST", "/v1/apps/a/C.m/run", b"") == Call("a", "C.m", None)
+    assert call_of("POST", "/v1/apps/a/f/runsync", b"wait=5") == Call("a", "f", 5.0)
     for method, path, query in [
         ("GET", "/v1/apps/a/f/runsync", b""),
         ("PUT", "/v1/apps/a/f/run", b""),

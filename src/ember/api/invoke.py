@@ -20,7 +20,6 @@ from ember.api import routes
 from ember.api.auth import Auth
 from ember.api.auth import Scope as TokenScope
 from ember.api.errors import ApiException, render
-from ember.api.routes import RUNSYNC_MAX_WAIT, RUNSYNC_WAIT
 
 _CALL = re.compile(r"/v1/apps/([^/]+)/([^/]+)/(run|runsync)")
 _WAIT = re.compile(rb"wait=(\d{1,4}(?:\.\d{1,6})?)")
@@ -30,20 +29,20 @@ def wait_of(query: bytes) -> float | None:
     """`wait` of a runsync query string, or None when it is anything but absent or a plain
     number in range (FastAPI then parses it, and explains what is wrong)."""
     if not query:
-        return RUNSYNC_WAIT
+        return routes.RUNSYNC_WAIT
     m = _WAIT.fullmatch(query)
     if m is None:
         return None
     wait = float(m.group(1))
-    return wait if wait <= RUNSYNC_MAX_WAIT else None
+    return wait if wait <= routes.RUNSYNC_MAX_WAIT else None
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
     app: str
     fn: str
-    sync: bool
-    wait: float
+    wait: float | None
+    """How long a runsync waits for the job; None for a run (answered once the job is queued)."""
 
 
 def call_of(method: str, path: str, query: bytes) -> Call | None:
@@ -55,9 +54,9 @@ def call_of(method: str, path: str, query: bytes) -> Call | None:
         return None
     app, fn, verb = m.groups()
     if verb == "run":
-        return None if query else Call(app, fn, False, RUNSYNC_WAIT)
+        return None if query else Call(app, fn, None)
     wait = wait_of(query)
-    return None if wait is None else Call(app, fn, True, wait)
+    return None if wait is None else Call(app, fn, wait)
 
 
 class Invoke:
@@ -77,10 +76,10 @@ class Invoke:
         auth: Auth = request.app.state.auth
         try:
             who = auth.require(request, TokenScope.INVOKE)
-            if call.sync:
-                response = await routes.run_job(request, who, call.app, call.fn, call.wait)
-            else:
+            if call.wait is None:
                 response = await routes.queue_job(request, who, call.app, call.fn)
+            else:
+                response = await routes.run_job(request, who, call.app, call.fn, call.wait)
         except ApiException as exc:
             response = render(exc)
         await response(scope, receive, send)

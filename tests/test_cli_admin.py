@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import typer
 
-from conftest import Server, free_port
+from conftest import Server, free_port, wait_for
 from ember.cli import admin
 from test_cli import ember, plain
 
@@ -321,8 +321,12 @@ def test_scopes_are_enforced_and_the_error_names_the_scope(admin_server: Server)
 
 def test_an_expired_token_says_so(admin_server: Server) -> None:
     token = new_token(admin_server, "brief", "--scope", "read", "--expires", "1s")
-    time.sleep(1.5)
-    proc = ember(admin_server, "apps", token=token)
+
+    def refused() -> Any:
+        proc = ember(admin_server, "apps", token=token)
+        return proc if proc.returncode == 1 else None
+
+    proc = wait_for(refused, timeout=15, interval=0.2, what="the token to expire")
     assert proc.returncode == 1
     assert "expired" in plain(proc.stderr)
 

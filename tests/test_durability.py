@@ -23,7 +23,7 @@ app = ember.App("durable")
 
 @app.function(max_workers=1)
 def slow(i: int, delay: float) -> dict:
-    time.sleep(delay)
+    time.sleep(delay)  # sleep-ok: the deployed function's simulated work
     return {"i": i, "pid": os.getpid()}
 
 @app.function(max_workers=2)
@@ -217,7 +217,7 @@ app = ember.App("stuck")
 class Loading:
     @ember.enter()
     def load(self):
-        time.sleep(600)  # a model that takes forever to load
+        time.sleep(600)  # sleep-ok: a deployed model that takes forever to load
 
     @ember.method()
     def go(self) -> int:
@@ -225,7 +225,7 @@ class Loading:
 
 @app.function()
 async def blocking() -> None:
-    time.sleep(600)  # blocks the worker's event loop
+    time.sleep(600)  # sleep-ok: a deployed function that blocks its event loop
 """
 
 

@@ -12,6 +12,7 @@ from ember.errors import InvalidSpec, UnknownOption
 from ember.sdk.cls import Cls
 from ember.sdk.function import Function
 from ember.sdk.hooks import hooks_of
+from ember.sdk.kinds import kind_of
 
 _APPS: dict[str, App] = {}
 """Every App constructed in this process, by name: how a worker finds the app its bundle defines."""
@@ -19,16 +20,6 @@ _APPS: dict[str, App] = {}
 
 def registered_app(name: str) -> App:
     return _APPS[name]
-
-
-def kind_of(fn: Callable[..., Any]) -> str:
-    if inspect.isasyncgenfunction(fn):
-        return "async_generator"
-    if inspect.iscoroutinefunction(fn):
-        return "async"
-    if inspect.isgeneratorfunction(fn):
-        return "generator"
-    return "function"
 
 
 class Options(TypedDict, total=False):

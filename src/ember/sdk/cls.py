@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ember.sdk.function import Function
 from ember.sdk.hooks import hooks_of
 from ember.sdk.job import sync_client
+from ember.sdk.kinds import kind_of
 
 if TYPE_CHECKING:
     from ember.core.spec import FunctionSpec
@@ -31,8 +32,6 @@ class Cls:
             self.methods = methods
             return
         assert user_cls is not None
-        from ember.sdk.app import kind_of
-
         _, _, names = hooks_of(user_cls)
         self.methods = {}
         for n in names:

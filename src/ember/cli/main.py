@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ember import config
 from ember.cli import admin
+from ember.cli.common import ago, api_client, err, fail, out, print_json, request
 from ember.errors import EmberError
 
 app = typer.Typer(
@@ -28,14 +28,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
-
-
-def _client() -> Any:
-    from ember.sdk.client import Client
-
-    return Client()
 
 
 def _split(target: str) -> tuple[str, str]:
@@ -45,16 +37,6 @@ def _split(target: str) -> tuple[str, str]:
             f"{target!r} is not APP/FUNCTION (e.g. demo/square or demo/Embedder.embed)"
         )
     return app_name, fn
-
-
-def _fail(exc: Exception) -> None:
-    # escaped: messages quote user text and TOML ("[gpu] must be a table") that is not markup
-    err.print(f"[red]error:[/red] {escape(str(exc))}")
-    raise typer.Exit(1)
-
-
-def _print_json(data: Any) -> None:
-    out.print_json(json.dumps(data))
 
 
 @app.command()
@@ -117,7 +99,7 @@ def server(
             tls_key=tls_key,
         )
     except ServerConfigError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @app.command()
@@ -130,7 +112,7 @@ def deploy(
     try:
         results = deploy_file(file)
     except EmberError as exc:
-        _fail(exc)
+        fail(exc)
     for r in results:
         out.print(
             f"[green]deployed[/green] app [bold]{r['app']}[/bold] version {r['version']}: "
@@ -163,7 +145,7 @@ def call(
         payload = json.loads(data)
     except ValueError as exc:
         raise typer.BadParameter(f"--data is not valid JSON: {exc}") from None
-    client = _client()
+    client = api_client()
     try:
         if async_ or stream:
             job_id = client.run(app_name, fn, payload)["id"]
@@ -172,18 +154,18 @@ def call(
                 return
             for event, value in client.stream(job_id):
                 if event == "output":
-                    _print_json(value)
+                    print_json(value)
                 elif event == "done" and value["status"] != "COMPLETED":
-                    _print_json(value)
+                    print_json(value)
                     raise typer.Exit(1)
             return
         body = client.runsync(app_name, fn, payload)
         while body["status"] in ("IN_QUEUE", "IN_PROGRESS"):
             body = client.get_job(body["id"], wait=30)
     except EmberError as exc:
-        _fail(exc)
+        fail(exc)
     if body["status"] == "COMPLETED":
-        _print_json(body["output"])
+        print_json(body["output"])
         t = body["timings"]
         err.print(
             f"[dim]{body['id']}  total {t['total_ms']:.1f} ms (queue {t['queue_ms']:.1f}, "
@@ -191,7 +173,7 @@ def call(
             f"post {t['post_ms']:.1f})[/dim]"
         )
         return
-    _print_json(body)
+    print_json(body)
     raise typer.Exit(1)
 
 
@@ -201,23 +183,23 @@ def job(
     wait: Annotated[bool, typer.Option("--wait", help="wait until the job ends")] = False,
 ) -> None:
     """Show a job: status, output or error, timings."""
-    client = _client()
+    client = api_client()
     try:
         body = client.get_job(job_id)
         while wait and body["status"] in ("IN_QUEUE", "IN_PROGRESS"):
             body = client.get_job(job_id, wait=30)
     except EmberError as exc:
-        _fail(exc)
-    _print_json(body)
+        fail(exc)
+    print_json(body)
 
 
 @app.command()
 def cancel(job_id: Annotated[str, typer.Argument(help="the job to cancel")]) -> None:
     """Cancel a queued or running job; running code is stopped."""
     try:
-        body = _client().cancel(job_id)
+        body = api_client().cancel(job_id)
     except EmberError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(f"{body['id']}: {body['status']}")
 
 
@@ -225,9 +207,9 @@ def cancel(job_id: Annotated[str, typer.Argument(help="the job to cancel")]) -> 
 def apps() -> None:
     """List deployed apps, their current version and functions."""
     try:
-        items = _client().list_apps()
+        items = api_client().list_apps()
     except EmberError as exc:
-        _fail(exc)
+        fail(exc)
     if not items:
         out.print("no apps deployed yet: `ember deploy FILE`")
         return
@@ -250,7 +232,7 @@ def logs(
 ) -> None:
     """Print worker output of a function, each line with its job id."""
     app_name, fn = _split(target)
-    client = _client()
+    client = api_client()
     since, first = 0.0, True
     try:
         while True:
@@ -270,7 +252,7 @@ def logs(
             since = since or time.time()
             time.sleep(0.5)  # poll: lines arrive in batches every 0.1 s
     except EmberError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         return
 
@@ -301,18 +283,11 @@ def usage(
     ]
     params = {
         "group_by": ",".join(groups),
-        "since": admin.ago(since, "--since"),
-        "until": admin.ago(until, "--until"),
+        "since": ago(since, "--since"),
+        "until": ago(until, "--until"),
         "granularity": granularity,
     }
-    try:
-        rows = (
-            _client()
-            .request("GET", "/usage", params={k: v for k, v in params.items() if v})
-            .json()["groups"]
-        )
-    except EmberError as exc:
-        _fail(exc)
+    rows = request("GET", "/usage", params={k: v for k, v in params.items() if v})["groups"]
     names = [g[4:] if g.startswith("tag:") else g for g in groups]
     columns = [
         "gpu_seconds",
@@ -362,10 +337,7 @@ def usage(
 @app.command()
 def nodes() -> None:
     """The GPUs the server can hand out (simulated ones are labelled) and what runs on each."""
-    try:
-        items = _client().request("GET", "/nodes").json()["nodes"]
-    except EmberError as exc:
-        _fail(exc)
+    items = request("GET", "/nodes")["nodes"]
     for node in items:
         out.print(f"[bold]{node['name']}[/bold] ({node['backend']} backend)")
         if not node["gpus"]:

@@ -1,0 +1,99 @@
+"""What the `ember` commands share: the consoles, the client, the error line, and the forms of
+durations and times they read and print.
+
+Imports nothing from `main.py`: run as `python -m ember.cli.main`, main is `__main__`, and
+importing it back would load it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ember.errors import EmberError
+
+out = Console()
+err = Console(stderr=True)
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def api_client() -> Any:
+    from ember.sdk.client import Client
+
+    return Client()
+
+
+def fail(exc: Exception) -> NoReturn:
+    # escaped: messages quote user text and TOML ("[gpu] must be a table") that is not markup.
+    # A 402 budget_exceeded message already names the budget, the spend and the reset time.
+    err.print(f"[red]error:[/red] {escape(str(exc))}")
+    raise typer.Exit(1)
+
+
+def request(method: str, path: str, **kw: Any) -> Any:
+    """The response body of one API call; a server or connection error ends the command."""
+    try:
+        resp = api_client().request(method, path, **kw)
+    except EmberError as exc:
+        fail(exc)
+    return resp.json() if resp.content else {}
+
+
+def print_json(data: Any) -> None:
+    out.print_json(json.dumps(data))
+
+
+def duration(value: str, option: str | None = None) -> float:
+    """'90s', '15m', '12h', '30d', '2w' or plain seconds -> seconds (> 0); `option` names the
+    option in the error."""
+    text = value.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in UNITS else (text, "s")
+    try:
+        seconds = float(number) * UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise typer.BadParameter(
+            f"{value!r} is not a duration: a number with s, m, h, d or w, e.g. 30d or 12h",
+            param_hint=option,
+        )
+    return seconds
+
+
+def ago(value: str | None, option: str | None = None) -> str | None:
+    """'7d', '12h', '30m' ago -> epoch seconds; epoch seconds or ISO 8601 go to the server as given
+    (the same forms as `ember usage --since`)."""
+    if not value:
+        return None
+    text = value.strip()
+    if text[-1:].lower() in UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return str(time.time() - duration(text, option))
+    return text
+
+
+def when(value: Any) -> str:
+    """Epoch seconds -> local 'YYYY-MM-DD HH:MM'; a string (ISO 8601) as given; None -> '-'."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, int | float):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
+    return str(value)
+
+
+def parse_pairs(items: list[str], what: str) -> dict[str, str]:
+    """['team=search', ...] -> {'team': 'search'}; the error names the item's position, not its
+    text (a secret's value must never be echoed)."""
+    result: dict[str, str] = {}
+    for i, item in enumerate(items, 1):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise typer.BadParameter(f"{what} number {i} is not KEY=VALUE")
+        result[key] = value
+    return result

@@ -10,7 +10,7 @@ import uvicorn
 
 from ember.api.app import create_app
 from ember.config import TOKEN_FILE
-from ember.control.plane import Settings
+from ember.control.settings import Settings
 from ember.core.placement import GIB, Gpu, parse_declared
 from ember.core.pricing import PriceError, PriceTable, parse_prices
 

@@ -11,13 +11,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from ember import __version__
-from ember.api import admin, errors
-from ember.api.auth import Auth, Principal, Tokens, ensure_token
+from ember.api import admin, errors, tenancy
+from ember.api.auth import Auth, Principal, ensure_token
 from ember.api.invoke import Invoke
 from ember.api.limits import PayloadLimit
 from ember.api.routes import audit, public, router
-from ember.config import TOKEN_FILE
-from ember.control.plane import ControlPlane, Settings
+from ember.control.plane import ControlPlane
+from ember.control.settings import Settings
 from ember.store.db import make_engine, migrate, sqlite_url
 
 log = logging.getLogger("ember.server")
@@ -72,10 +72,11 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
             {"why": message},
         )
 
-    app.state.auth = Auth(Tokens(engine, settings.data_dir / TOKEN_FILE), refused)
+    app.state.auth = Auth(cp.tokens, refused)
     errors.install(app)
     app.include_router(public)
     app.include_router(router)
+    app.include_router(tenancy.router)
     app.include_router(admin.router)
     app.add_middleware(Invoke)  # inside the payload limit: added first
     app.add_middleware(PayloadLimit, max_bytes=max_payload)

@@ -18,15 +18,16 @@ from pydantic import BaseModel
 from ember.api import schemas
 from ember.api.auth import Principal, need_deploy, need_invoke, need_read
 from ember.api.errors import ApiException
-from ember.control.manifest import DeployError
-from ember.control.plane import (
+from ember.control.errors import (
     BudgetBlocked,
-    ControlPlane,
+    InputError,
     NotFoundError,
     PolicyDenied,
     UnplaceableError,
 )
-from ember.control.records import InputError, Job
+from ember.control.manifest import DeployError
+from ember.control.plane import ControlPlane
+from ember.control.records import Job
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
 RUNSYNC_WAIT = 60.0

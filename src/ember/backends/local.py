@@ -16,28 +16,14 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ember.backends.base import Launch
 from ember.core.placement import Gpu
 
 log = logging.getLogger("ember.backend")
-
-
-@dataclass
-class Launch:
-    worker_id: str
-    secret: str
-    control: str
-    bundle: Path
-    app: str
-    unit: str
-    concurrency: int
-    gpus: tuple[Gpu, ...] = ()
-    gpu_memory_mib: int | None = None
-    env: dict[str, str] = field(default_factory=dict, repr=False)
-    """The function's secrets (and EMBER_SECRET_KEYS naming them)."""
 
 
 SERVER_ONLY = ("EMBER_MASTER_KEY", "EMBER_TOKEN")
@@ -182,9 +168,15 @@ TEMPLATE_WAIT_S = 2.0
 
 
 class LocalBackend:
+    """Workers as processes of this machine (see the module's docstring); a `Backend`."""
+
     name = "local"
 
-    def __init__(self, log_dir: Path, *, templates: bool = True) -> None:
+    def __init__(
+        self, log_dir: Path, *, templates: bool = True, inventory: tuple[Gpu, ...] = ()
+    ) -> None:
+        self.node = socket.gethostname()
+        self.inventory = inventory
         self.log_dir = log_dir
         self.use_templates = templates
         self.templates: dict[tuple[str, str], Template] = {}

@@ -15,11 +15,11 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 
 from ember.control.records import Worker
 from ember.core.metering import Phase, UsageRecord, make_record
-from ember.core.pricing import PriceTable, rounding_ms
+from ember.core.pricing import PriceTable, Resources, rounding_ms
 from ember.store import tables
 from ember.store.writer import Writer
 
@@ -189,3 +189,46 @@ def round_up_orphans(conn: Connection, billing: str) -> None:
         billed = round(last.billed_ms + extra, 3)
         usd = last.usd * billed / last.billed_ms
         conn.execute(update(tables.usage).where(u.id == last.id).values(billed_ms=billed, usd=usd))
+
+
+def end_orphans(conn: Connection, billing: str) -> None:
+    """Workers of the previous run that never recorded their end (the server was killed) end
+    where their metering does: at their last checkpoint (rounded up under per-second billing)."""
+    round_up_orphans(conn, billing)
+    conn.execute(
+        update(tables.workers)
+        .where(tables.workers.c.ended_at.is_(None))
+        .values(ended_at=tables.workers.c.metered_until, stop_reason="server stopped")
+    )
+
+
+def read_usage(
+    engine: Engine, workspace: str, since: float | None, until: float | None
+) -> list[UsageRecord]:
+    """A workspace's usage records overlapping [since, until); blocking, run it in a thread."""
+    q = select(tables.usage).where(tables.usage.c.workspace == workspace)
+    if since is not None:
+        q = q.where(tables.usage.c.end > since)
+    if until is not None:
+        q = q.where(tables.usage.c.start < until)
+    with engine.connect() as conn:
+        return [_usage_record(r) for r in conn.execute(q).mappings()]
+
+
+def _usage_record(row: Any) -> UsageRecord:
+    return UsageRecord(
+        worker=row["worker"],
+        app=row["app"],
+        unit=row["unit"],
+        version=row["version"],
+        phase=Phase(row["phase"]),
+        start=row["start"],
+        end=row["end"],
+        billed_ms=row["billed_ms"],
+        resources=Resources(row["gpu_type"], row["gpu_count"], row["cpu"], row["memory_gib"]),
+        usd=row["usd"],
+        tags=json.loads(row["tags"]),
+        starts=row["starts"],
+        workspace=row["workspace"],
+        policy=row["policy"],
+    )

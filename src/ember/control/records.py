@@ -11,6 +11,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from ember.control.errors import InputError
 from ember.core.autoscaler import WorkerState, WorkerView
 from ember.core.budgets import pool_scaling
 from ember.core.jobs import JobStatus
@@ -19,10 +20,6 @@ from ember.core.prewarm import IdleHistogram
 from ember.core.pricing import Resources
 from ember.core.spec import FunctionSpec
 from ember.core.timings import WorkerStart
-
-
-class InputError(ValueError):
-    """A job input that does not fit the function's signature (HTTP 422)."""
 
 
 @dataclass

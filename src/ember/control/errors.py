@@ -1,0 +1,44 @@
+"""What the control plane's rooms refuse with; the API maps each to its status code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ember.core.budgets import Blocked
+
+
+class NotFoundError(LookupError):
+    """An app, function, job, policy or secret that does not exist in the workspace (404)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class InputError(ValueError):
+    """A job input that does not fit the function's signature (HTTP 422)."""
+
+
+class UnplaceableError(ValueError):
+    """No GPU in the inventory could ever run this function (HTTP 422)."""
+
+
+class ConflictError(Exception):
+    """The request clashes with what exists (HTTP 409)."""
+
+
+class PolicyDenied(PermissionError):
+    """The caller's usage policy does not allow this call (HTTP 403)."""
+
+
+class BudgetBlocked(Exception):
+    """The caller's policy has spent its budget for the period (HTTP 402)."""
+
+    def __init__(self, blocked: Blocked) -> None:
+        super().__init__(blocked.message)
+        self.blocked = blocked
+
+
+def job_error(type_: str, message: str) -> dict[str, Any]:
+    """A job's `error` body for a failure the server itself decided (no user traceback)."""
+    return {"type": type_, "message": message, "traceback": None}

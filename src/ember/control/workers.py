@@ -1,0 +1,211 @@
+"""The worker lifecycle and its protocol: start, the control channel, ready, drain, kill, exit.
+
+This room owns the live workers and the socket they connect back to. It starts them through a
+`Backend` (it knows no backend's internals), authenticates each connection by the worker's own
+secret, and reports what happens to a worker through `Events`: the plane routes a job's result
+to dispatch, a log line to the logs, an exit to metering, dispatch and scaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ember.backends.base import Backend, Launch
+from ember.control.errors import job_error
+from ember.control.records import Pool, Worker
+from ember.core.autoscaler import WorkerState
+from ember.core.placement import Allocation, Placed
+from ember.core.pricing import DEFAULT_CPU, DEFAULT_MEMORY_GIB, Resources
+from ember.worker import protocol
+
+log = logging.getLogger("ember.control")
+
+
+@dataclass(frozen=True, slots=True)
+class Events:
+    """What the lifecycle tells the rest of the plane (the plane fills it in)."""
+
+    worker_ready: Callable[[Worker], None]
+    """Imported and its `@enter` hooks done: it can take jobs."""
+    worker_message: Callable[[Worker, dict[str, Any]], None]
+    """A frame about its jobs: result, output, log."""
+    worker_exited: Callable[[Worker, int], None]
+    """Gone (already out of `workers` and its pool); the code is -1 when unknown."""
+
+
+class Workers:
+    def __init__(
+        self,
+        backend: Backend,
+        events: Events,
+        drain_grace_s: float,
+        spawn: Callable[[Coroutine[Any, Any, Any]], Any],
+    ) -> None:
+        self.backend = backend
+        self.events = events
+        self.drain_grace_s = drain_grace_s
+        self._spawn = spawn
+        """Runs a coroutine as a task the plane tracks (and cancels at stop)."""
+        self.workers: dict[str, Worker] = {}
+        self.control_addr = ""
+        self._server: asyncio.Server | None = None
+
+    async def listen(self) -> None:
+        """Open the control channel that workers connect back to (loopback only)."""
+        self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.control_addr = f"{host}:{port}"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    # ----------------------------------------------------------------- views
+    def of(self, workspace: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.pool.workspace == workspace]
+
+    def allocations(self) -> list[Allocation]:
+        return [Allocation(w.id, w.gpus, w.gpu_memory_mib) for w in self.workers.values() if w.gpus]
+
+    def live(self) -> Iterable[Worker]:
+        return self.workers.values()
+
+    # ----------------------------------------------------------------- start
+    def start(self, pool: Pool, fit: Placed) -> Worker:
+        """A new worker of `pool` on the GPUs of `fit`; it starts in the background."""
+        spec = pool.spec
+        gpu_count = float(len(fit.gpus))
+        if fit.memory_mib is not None and fit.gpus:
+            gpu_count = fit.memory_mib / self.backend.inventory[fit.gpus[0]].memory_mib
+        w = Worker(
+            id="w-" + secrets.token_hex(5),
+            pool=pool,
+            secret=secrets.token_hex(16),
+            spawned=time.monotonic(),
+            gpus=fit.gpus,
+            gpu_memory_mib=fit.memory_mib,
+            resources=Resources(
+                gpu_type=fit.type,
+                gpu_count=gpu_count,
+                cpu=spec.cpu or DEFAULT_CPU,
+                memory_gib=spec.memory_mib / 1024 if spec.memory_mib else DEFAULT_MEMORY_GIB,
+            ),
+        )
+        pool.workers[w.id] = w
+        self.workers[w.id] = w
+        self._spawn(self._run(w))
+        return w
+
+    async def _run(self, w: Worker) -> None:
+        launch = Launch(
+            w.id,
+            w.secret,
+            self.control_addr,
+            w.pool.bundle,
+            w.pool.app,
+            w.pool.unit,
+            w.pool.spec.scaling.concurrency,
+            tuple(self.backend.inventory[i] for i in w.gpus),
+            w.gpu_memory_mib,
+            w.pool.env,
+        )
+        try:
+            w.process = await self.backend.start(launch)
+        except Exception as exc:  # could not even start a process
+            w.fatal = job_error(type(exc).__name__, f"could not start a worker: {exc}")
+            self._on_exit(w, -1)
+            return
+        w.pid = w.process.pid
+        if w.stop_reason is not None:  # stopped while it was being started
+            w.process.kill()
+        # As in Modal, `timeout` also bounds a worker's start (imports and @enter hooks).
+        asyncio.get_running_loop().call_later(w.pool.spec.timeout, self._on_startup_timeout, w)
+        code = await w.process.wait()
+        self._on_exit(w, code)
+
+    def _on_startup_timeout(self, w: Worker) -> None:
+        if w.ready is not None or w.id not in self.workers or w.stop_reason is not None:
+            return
+        w.fatal = job_error(
+            "StartupTimeout",
+            f"the worker did not become ready within the timeout of {w.pool.spec.timeout:g} s "
+            "(imports or @enter hooks still running); it was stopped",
+        )
+        if w.process is not None:
+            w.process.kill()
+
+    # ----------------------------------------------------------------- stop
+    def drain(self, w: Worker, reason: str) -> None:
+        """Let a worker finish its jobs and exit hooks, then go; killed if it takes too long."""
+        if w.state is WorkerState.DRAINING:
+            return
+        was_ready = w.state is not WorkerState.STARTING
+        w.state = WorkerState.DRAINING
+        w.stop_reason = reason
+        if not was_ready or w.writer is None:
+            self.kill(w, reason)
+            return
+        w.writer.write(protocol.encode({"t": "drain"}))
+        grace = self.drain_grace_s + (w.pool.spec.timeout if w.running else 0.0)
+        w.kill_timer = asyncio.get_running_loop().call_later(
+            grace, self.kill, w, f"{reason}; did not drain in time"
+        )
+
+    def kill(self, w: Worker, reason: str) -> None:
+        w.stop_reason = w.stop_reason or reason
+        w.state = WorkerState.DRAINING
+        if w.process is not None:
+            w.process.kill()
+
+    def _on_exit(self, w: Worker, code: int) -> None:
+        if self.workers.pop(w.id, None) is None:
+            return
+        w.pool.workers.pop(w.id, None)
+        if w.kill_timer is not None:
+            w.kill_timer.cancel()
+        w.state = WorkerState.STOPPED
+        self.events.worker_exited(w, code)
+
+    # ----------------------------------------------------------------- the control channel
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        hello = await protocol.read(reader)
+        w = self.workers.get(hello.get("worker", "")) if hello else None
+        if (
+            hello is None
+            or w is None
+            or not secrets.compare_digest(hello.get("secret", ""), w.secret)
+        ):
+            writer.close()
+            return
+        w.writer = writer
+        w.pid = hello.get("pid", w.pid)
+        try:
+            while (msg := await protocol.read(reader)) is not None:
+                self._on_message(w, msg)
+        finally:
+            writer.close()
+            # A worker without its connection is of no use; its exit code tells what happened.
+            if w.id in self.workers and w.process is not None:
+                w.process.kill()
+
+    def _on_message(self, w: Worker, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "ready":
+            w.ready = time.monotonic()
+            w.load_ms = float(msg.get("load_ms", 0.0))
+            if w.state is WorkerState.STARTING:
+                w.state = WorkerState.IDLE
+                w.idle_since = w.ready  # last_used stays 0: warmest means it ran a job
+            self.events.worker_ready(w)
+        elif t == "fatal":
+            w.fatal = msg["error"]
+        else:
+            self.events.worker_message(w, msg)

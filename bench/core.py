@@ -14,6 +14,13 @@ Progress goes to stderr.
     .venv/bin/python bench/core.py --quick    # a few seconds, for a smoke check: a burst of 100,
                                               # no model (add --model for it)
     .venv/bin/python bench/core.py --no-model # everything but the model
+    .venv/bin/python bench/core.py --warm-only
+                                              # warm latency, throughput and the relay floor
+                                              # only: one iteration in about half a minute
+
+Beside ember's warm and throughput figures it measures the relay floor (bench/relay.py: a bare
+ASGI app handing each request to a second process over one socket, the least any server-plus-
+worker design costs here) with the same clients, interleaved, and reports ember's ratios to it.
 
 This is a benchmark, not a test: it asserts nothing about speed.
 """
@@ -24,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import http.client
 import importlib.util
 import json
 import math
@@ -40,6 +48,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import loadgen
@@ -55,10 +64,18 @@ from stats import (
     summary,
 )
 
-from ember.testing import LocalServer, WorkersOutlived, pid_alive, wait_for, worker_pids
+from ember.testing import (
+    LocalServer,
+    WorkersOutlived,
+    free_port,
+    pid_alive,
+    wait_for,
+    worker_pids,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "core.json"
+RELAY = ROOT / "bench" / "relay.py"
 APP = "bench"
 EXAMPLE = ROOT / "examples" / "embeddings.py"
 MODEL_APP, MODEL_UNIT = "embeddings", "Embedder"
@@ -181,6 +198,9 @@ def bench_warm(server: BenchServer, n: int, warmup: int) -> dict[str, Any]:
 
     rtt = loadgen.sequential(server.url, request, check, n, warmup)
     del server_total[:warmup]
+    stdlib = stdlib_sequential(
+        server.url, runsync_path("noop"), server.headers, _completed, n, warmup
+    )
     health_request = loadgen.request_bytes("GET", server.url + "/v1/health")
     health = loadgen.sequential(server.url, health_request, lambda s, b: None, n, warmup)
     via_httpx: list[float] = []
@@ -201,10 +221,178 @@ def bench_warm(server: BenchServer, n: int, warmup: int) -> dict[str, Any]:
         "server_total_note": "the job's own total_ms: accepted to finished, inside the server",
         "http_baseline_ms": summary(health),
         "http_baseline_note": "GET /v1/health round trip, same client: HTTP + uvicorn alone",
+        "stdlib_ms": summary(stdlib),
+        "stdlib_note": "the same calls from one keep-alive http.client.HTTPConnection",
         "httpx_ms": summary(via_httpx),
         "httpx_note": "the same calls from one keep-alive httpx.Client, as the SDK makes them: "
         "the difference is the Python client's own time",
     }
+
+
+def stdlib_sequential(
+    url: str,
+    path: str,
+    headers: dict[str, str],
+    check: loadgen.Check,
+    n: int,
+    warmup: int,
+) -> list[float]:
+    """`n` POSTs of {"input": {}} back to back on one keep-alive `http.client.HTTPConnection`
+    (the standard library's client, as a plain script would call), after `warmup` untimed ones:
+    latencies (ms)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
+    body = json.dumps({"input": {}}).encode()
+    hdrs = {"Content-Type": "application/json", **headers}
+    out: list[float] = []
+    try:
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            conn.request("POST", path, body, hdrs)
+            resp = conn.getresponse()
+            data = resp.read()
+            elapsed = (time.perf_counter() - t0) * 1000
+            check(resp.status, data)
+            if i >= warmup:
+                out.append(elapsed)
+    finally:
+        conn.close()
+    return out
+
+
+class RelayServer:
+    """bench/relay.py on a free port: the relay floor, beside ember's server."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RelayServer:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(RELAY), "--port", str(self.port)], stdout=subprocess.DEVNULL
+        )
+        wait_for(self._call_ok, 30, 0.05, "the relay")
+        return self
+
+    def _call_ok(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"bench/relay.py exited with {self.proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            conn.request("POST", "/", b'{"input":{}}')
+            ok = conn.getresponse().status == 200
+            conn.close()
+        except OSError:
+            return False
+        return ok
+
+    def request(self) -> bytes:
+        return loadgen.request_bytes("POST", self.url + "/", {"input": {}})
+
+    def pids(self) -> list[int]:
+        """The relay and its backend."""
+        assert self.proc is not None
+        return [self.proc.pid, *_children(self.proc.pid)]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        kids = _children(self.proc.pid)
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        wait_for(lambda: not any(pid_alive(p) for p in kids), 10, 0.02, "the relay's backend")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b else math.nan
+
+
+def bench_floor(
+    server: BenchServer, relay: RelayServer, n: int, warmup: int, clients: int, duration: float
+) -> dict[str, Any]:
+    """ember and the relay floor, measured with the same clients in the same run, interleaved
+    ABBA (ember, relay, relay, ember) so that noise on the shared machine hits both alike:
+    latency from one keep-alive http.client connection (sequential), calls/s from
+    bench/loadgen.py at `clients` closed-loop clients."""
+    ember_path = runsync_path("noop")
+    ember_url = server.url + ember_path
+    ember_request = loadgen.request_bytes("POST", ember_url, {"input": {}}, server.headers)
+    relay_request = relay.request()
+    assert server.proc is not None
+    worker = [w["pid"] for w in server.workers() if w["pid"]]
+    ember_pids = {"server": [server.proc.pid], "workers": worker}
+    relay_pids = relay.pids()
+    relay_split = {"server": relay_pids[:1], "workers": relay_pids[1:]}
+
+    def ember_seq(k: int) -> list[float]:
+        return stdlib_sequential(server.url, ember_path, server.headers, _completed, k, warmup)
+
+    def relay_seq(k: int) -> list[float]:
+        return stdlib_sequential(relay.url, "/", {}, _completed, k, warmup)
+
+    def load(url: str, request: bytes, pids: dict[str, list[int]], seconds: float) -> Any:
+        before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+        lat, errors, elapsed = loadgen.closed_loop(url, request, _completed, clients, seconds)
+        cpu = {k: sum(cpu_seconds(p) for p in v) - before[k] for k, v in pids.items()}
+        return lat, errors, elapsed, cpu
+
+    seq: dict[str, list[float]] = {"ember": [], "relay": []}
+    half = max(1, n // 2)
+    for who in ("ember", "relay", "relay", "ember"):
+        seq[who] += ember_seq(half) if who == "ember" else relay_seq(half)
+    runs: dict[str, list[Any]] = {"ember": [], "relay": []}
+    for who in ("ember", "relay", "relay", "ember"):
+        if who == "ember":
+            runs[who].append(load(server.url, ember_request, ember_pids, duration / 2))
+        else:
+            runs[who].append(load(relay.url, relay_request, relay_split, duration / 2))
+
+    def throughput(parts: list[Any]) -> dict[str, Any]:
+        calls = sum(len(p[0]) for p in parts)
+        elapsed = sum(p[2] for p in parts)
+        cpu = {k: sum(p[3][k] for p in parts) for k in parts[0][3]}
+        return {
+            "calls": calls,
+            "errors": sum(p[1] for p in parts),
+            "duration_s": round(elapsed, 3),
+            "calls_per_s": round(calls / elapsed, 1),
+            "latency": summary([x for p in parts for x in p[0]]),
+            "cpu_ms_per_call": {k: round(v * 1000 / calls, 3) for k, v in cpu.items()},
+        }
+
+    out: dict[str, Any] = {
+        "what": "bench/relay.py: a bare ASGI app under uvicorn (ember's settings) handing each "
+        "request body to a second process over one persistent socket (ember's framing) and "
+        "answering with its reply; measured with the same clients as ember, interleaved ABBA",
+        "sequential_client": "http.client.HTTPConnection, one keep-alive connection, "
+        f"{2 * half} calls each after {warmup} untimed per half",
+        "throughput_client": f"bench/loadgen.py, {clients} closed-loop clients, "
+        f"{duration:g} s each in two halves",
+        "ember": {"sequential": summary(seq["ember"]), "throughput": throughput(runs["ember"])},
+        "relay": {"sequential": summary(seq["relay"]), "throughput": throughput(runs["relay"])},
+    }
+    e, r = out["ember"], out["relay"]
+    out["ratios"] = {
+        "p50": _ratio(e["sequential"]["p50_ms"], r["sequential"]["p50_ms"]),
+        "p99": _ratio(e["sequential"]["p99_ms"], r["sequential"]["p99_ms"]),
+        "calls_per_s": _ratio(e["throughput"]["calls_per_s"], r["throughput"]["calls_per_s"]),
+        "targets": "p50 <= 2.0, calls_per_s >= 0.6 (docs/DESIGN.md, Performance targets)",
+    }
+    return out
 
 
 Load = tuple[list[float], int, float]
@@ -768,6 +956,18 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="short run, a few seconds: smaller burst, no model"
     )
+    parser.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="warm latency, throughput and the relay floor only (no cold start, burst or model): "
+        "one iteration in well under a minute",
+    )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the relay floor (bench/relay.py) beside ember (default on)",
+    )
     parser.add_argument("--warm-n", type=int, help="sequential warm calls (default 2000)")
     parser.add_argument("--duration", type=float, help="throughput run, seconds (default 10)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
@@ -814,11 +1014,11 @@ def main() -> int:
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
-    warm_n = args.warm_n or (200 if args.quick else 2000)
-    duration = args.duration or (2.0 if args.quick else 10.0)
+    warm_n = args.warm_n or (200 if args.quick else 1000 if args.warm_only else 2000)
+    duration = args.duration or (2.0 if args.quick else 4.0 if args.warm_only else 10.0)
     cold_n = args.cold_n or (5 if args.quick else 20)
     burst_n = args.burst_n if args.burst_n is not None else (100 if args.quick else 500)
-    model = args.model if args.model is not None else not args.quick
+    model = args.model if args.model is not None else not (args.quick or args.warm_only)
     model_cold_n = args.model_cold_n or (2 if args.quick else 5)
 
     root = Path(tempfile.mkdtemp(prefix="ember-bench-"))
@@ -858,6 +1058,19 @@ def main() -> int:
         out["warm_runsync"] = bench_warm(server, warm_n, warmup=max(50, warm_n // 10))
         log(f"throughput: {args.clients} clients ({args.client_mode}) for {duration:.0f} s")
         out["throughput"] = bench_throughput(server, args.clients, duration, args.client_mode)
+        if args.floor:
+            log("relay floor: bench/relay.py beside ember, same clients, interleaved")
+            relay = RelayServer().start()
+            try:
+                floor = bench_floor(
+                    server, relay, warm_n, max(50, warm_n // 10), args.clients, duration
+                )
+            finally:
+                relay.stop()
+            out["relay_floor"] = floor
+            log(f"relay floor: ratios {floor['ratios']}")
+        if args.warm_only:
+            return out
         log(f"cold start: {cold_n} calls from zero")
         out["cold_start"] = bench_cold(server, cold_n)
         if burst_n > 0:
@@ -871,7 +1084,10 @@ def main() -> int:
     result.update(core_result)
 
     if not model:
-        result["embeddings"] = {"skipped": "--no-model" if args.model is False else "--quick"}
+        why = (
+            "--no-model" if args.model is False else "--warm-only" if args.warm_only else "--quick"
+        )
+        result["embeddings"] = {"skipped": why}
     elif (missing := model_missing()) is not None:
         result["embeddings"] = {"skipped": missing}
         log(f"embeddings: skipped: {missing}")

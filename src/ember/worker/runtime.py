@@ -3,6 +3,10 @@
 Sync code runs in a thread pool of `concurrency` threads, async code as tasks on this process's
 event loop; generator outputs are sent as they are yielded. If the connection to the server drops
 (the server died), the process exits at once: a dead server leaves no workers behind.
+
+The event loop reads the connection (runs, cancels, a drain); frames to the server are written
+straight to the socket, under a lock, by whichever thread has one to send. So a sync job's thread
+sends its own result: a call costs one thread wake-up (loop to job thread), not two.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import functools
 import importlib.util
 import io
 import os
+import select
+import socket
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,21 +174,41 @@ class Worker:
         self.targets: dict[str, tuple[Callable[..., Any], str]] = {}
         self.exit_hooks: list[Callable[[], Any]] = []
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        """Async jobs, as tasks on the loop."""
+        self.sync_jobs: dict[str, Future[None]] = {}
+        """Sync jobs, each in the pool, until its thread has sent its result; under cancel_lock."""
         self.threads: dict[str, int] = {}
-        self.sync_jobs: set[str] = set()
         self.cancelled: set[str] = set()
         """Sync jobs asked to stop before their thread started; the thread checks on start."""
         self.cancel_lock = threading.Lock()
         self.logs: list[list[Any]] = []
         self.logs_lock = threading.Lock()
+        self.send_lock = threading.RLock()
+        """Held while a frame is written: frames from the loop and job threads never interleave."""
+        self.sock: socket.socket | None = None
         self.draining = False
 
     # connection
     def send(self, msg: dict[str, Any], raw: dict[str, bytes] | None = None) -> None:
-        self.writer.write(protocol.encode(msg, raw))
+        """Write one frame now, from any thread."""
+        self._write(protocol.encode(msg, raw))
 
     def send_threadsafe(self, msg: dict[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self.send, msg)
+        self.send(msg)
+
+    def _write(self, data: bytes) -> None:
+        assert self.sock is not None
+        with self.send_lock:
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = self.sock.send(view)
+                except BlockingIOError:  # the socket is non-blocking (the loop reads it): wait
+                    select.select([], [self.sock], [])
+                    continue
+                except OSError:  # the server is gone: the loop sees it and exits
+                    return
+                view = view[sent:]
 
     def log(self, job: str | None, stream: str, line: str) -> None:
         if self.redact is not None:
@@ -191,10 +217,13 @@ class Worker:
             self.logs.append([job, stream, line, time.time()])
 
     def flush_logs(self) -> None:
-        with self.logs_lock:
-            lines, self.logs = self.logs, []
-        if lines:
-            self.send({"t": "log", "lines": lines})
+        if not self.logs:
+            return
+        with self.send_lock:  # taken before the lines: they go out in the order they were taken
+            with self.logs_lock:
+                lines, self.logs = self.logs, []
+            if lines:
+                self.send({"t": "log", "lines": lines})
 
     async def _flush_logs_forever(self) -> None:
         while True:
@@ -203,6 +232,7 @@ class Worker:
 
     # jobs
     async def run_job(self, msg: dict[str, Any]) -> None:
+        """An async job (a coroutine or an async generator), as a task on the loop."""
         job_id: str = msg["job"]
         current_job.set(job_id)
         fn, kind = self.targets[msg["fn"]]
@@ -212,31 +242,68 @@ class Worker:
         try:
             if kind == "async":
                 output = await fn(**kwargs)
-            elif kind == "async_generator":
+            else:
                 async for value in fn(**kwargs):
                     self.send_output(job_id, value)
-            else:
-                ctx = contextvars.copy_context()
-                call = functools.partial(self._run_in_thread, job_id, fn, kind, kwargs)
-                output = await self.loop.run_in_executor(self.pool, ctx.run, call)
         except (asyncio.CancelledError, Cancelled):
             self.finish(job_id, {"status": "CANCELLED"}, t0)
             return
         except BaseException as exc:
             self.finish(job_id, {"ok": False, "error": error_body(exc, self.redact)}, t0)
             return
+        result, raw = self._result_of(kind, output)
+        self.finish(job_id, result, t0, raw=raw)
+
+    def _result_of(self, kind: str, output: Any) -> tuple[dict[str, Any], dict[str, bytes] | None]:
+        """The result of a job that returned `output`: (fields, raw JSON fields)."""
         if kind in ("generator", "async_generator"):
-            self.finish(job_id, {"ok": True}, t0)
-            return
+            return {"ok": True}, None
         try:
             raw = output_json(output, self.redact)
         except (TypeError, ValueError) as exc:
             err = TypeError(
                 f"the output of type {type(output).__name__} is not JSON-serialisable: {exc}"
             )
-            self.finish(job_id, {"ok": False, "error": error_body(err, self.redact)}, t0)
-            return
-        self.finish(job_id, {"ok": True}, t0, raw={"output": raw})
+            return {"ok": False, "error": error_body(err, self.redact)}, None
+        return {"ok": True}, {"output": raw}
+
+    def start_sync_job(self, msg: dict[str, Any]) -> None:
+        """A sync job (a function or a generator): into the pool, in a copy of the loop's
+        context with current_job set, as a task's would be; its thread reports the result."""
+        job_id: str = msg["job"]
+        ctx = contextvars.copy_context()
+        ctx.run(current_job.set, job_id)
+        with self.cancel_lock:
+            self.sync_jobs[job_id] = self.pool.submit(ctx.run, self._run_sync_job, msg)
+
+    def _run_sync_job(self, msg: dict[str, Any]) -> None:
+        """In a pool thread: run the job, then send its result, exactly once."""
+        job_id: str = msg["job"]
+        fn, kind = self.targets[msg["fn"]]
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {"status": "CANCELLED"}
+        raw: dict[str, bytes] | None = None
+        try:
+            try:
+                output = self._run_in_thread(job_id, fn, kind, msg["input"])
+            except Cancelled:
+                pass
+            except BaseException as exc:
+                result = {"ok": False, "error": error_body(exc, self.redact)}
+            else:
+                result, raw = self._result_of(kind, output)
+        except Cancelled:  # a cancel that landed just as the job's code ended: it is cancelled
+            result, raw = {"status": "CANCELLED"}, None
+        try:
+            self.finish(job_id, result, t0, raw=raw)
+        finally:
+            self._forget_sync(job_id)
+
+    def _forget_sync(self, job_id: str) -> None:
+        with self.cancel_lock:
+            self.sync_jobs.pop(job_id, None)
+            self.cancelled.discard(job_id)
+            self.threads.pop(job_id, None)
 
     def _run_in_thread(
         self, job_id: str, fn: Callable[..., Any], kind: str, kwargs: dict[str, Any]
@@ -248,7 +315,7 @@ class Worker:
         try:
             if kind == "generator":
                 for value in fn(**kwargs):
-                    self.loop.call_soon_threadsafe(self.send_output, job_id, value)
+                    self.send_output(job_id, value)
                 return None
             return fn(**kwargs)
         finally:
@@ -276,13 +343,12 @@ class Worker:
 
     def cancel(self, job_id: str) -> None:
         task = self.tasks.get(job_id)
-        if task is None:
-            return
-        if job_id not in self.sync_jobs:
+        if task is not None:
             task.cancel()
             return
-        # Sync code: never cancel the task, which would leave its thread running unseen.
         with self.cancel_lock:
+            if job_id not in self.sync_jobs:
+                return
             tid = self.threads.get(job_id)
             if tid is None:  # its thread has not started yet: it will see this and stop
                 self.cancelled.add(job_id)
@@ -293,16 +359,15 @@ class Worker:
 
     def _forget_task(self, job_id: str, task: asyncio.Task[None]) -> None:
         self.tasks.pop(job_id, None)
-        self.sync_jobs.discard(job_id)
-        with self.cancel_lock:
-            self.cancelled.discard(job_id)
         if task.cancelled():  # cancelled before it ever ran: nothing else reports it
             self.finish(job_id, {"status": "CANCELLED"}, time.perf_counter())
 
     async def drain(self) -> None:
         self.draining = True
-        if self.tasks:
-            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        with self.cancel_lock:
+            running = [asyncio.wrap_future(f) for f in self.sync_jobs.values()]
+        if self.tasks or running:
+            await asyncio.gather(*self.tasks.values(), *running, return_exceptions=True)
         for hook in self.exit_hooks:
             try:
                 result = hook()
@@ -312,12 +377,16 @@ class Worker:
                 traceback.print_exc()
         self.flush_logs()
         self.send({"t": "bye"})
-        await self.writer.drain()
         os._exit(0)
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         reader, self.writer = await asyncio.open_connection(*self.addr)
+        # The loop reads the connection; frames go out on a duplicate of its socket, written
+        # directly from whichever thread has one to send.
+        fd = os.dup(self.writer.get_extra_info("socket").fileno())
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.send({"t": "hello", "worker": self.id, "secret": self.secret, "pid": os.getpid()})
         sys.stdout = _Capture("stdout", self.log)
         sys.stderr = _Capture("stderr", self.log)
@@ -335,7 +404,6 @@ class Worker:
         except BaseException as exc:
             self.flush_logs()
             self.send({"t": "fatal", "error": error_body(exc, self.redact)})
-            await self.writer.drain()
             os._exit(1)
         self.send({"t": "ready", "load_ms": load_ms})
         while True:
@@ -344,10 +412,11 @@ class Worker:
                 os._exit(0)
             kind = msg["t"]
             if kind == "run":
+                if self.targets.get(msg["fn"], (None, ""))[1] in ("function", "generator"):
+                    self.start_sync_job(msg)
+                    continue
                 task = asyncio.create_task(self.run_job(msg))
                 self.tasks[msg["job"]] = task
-                if self.targets.get(msg["fn"], (None, ""))[1] in ("function", "generator"):
-                    self.sync_jobs.add(msg["job"])
                 task.add_done_callback(functools.partial(self._forget_task, msg["job"]))
             elif kind == "cancel":
                 self.cancel(msg["job"])

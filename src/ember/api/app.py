@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.types import ASGIApp
 
 from ember import __version__
 from ember.api import admin, errors, tenancy
@@ -31,7 +32,7 @@ _NO_TELEMETRY: dict[str, Any] = (
 )
 
 
-def create_app(settings: Settings, *, max_payload: int, db_url: str | None = None) -> FastAPI:
+def create_app(settings: Settings, *, max_payload: int, db_url: str | None = None) -> ASGIApp:
     # Inputs, outputs and deployed code live here: readable by the server's user alone.
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.data_dir.chmod(0o700)
@@ -78,6 +79,5 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     app.include_router(router)
     app.include_router(tenancy.router)
     app.include_router(admin.router)
-    app.add_middleware(Invoke)  # inside the payload limit: added first
-    app.add_middleware(PayloadLimit, max_bytes=max_payload)
-    return app
+    # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request.
+    return PayloadLimit(Invoke(app), max_bytes=max_payload)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from http import HTTPStatus
 from typing import Any
 
@@ -83,8 +84,14 @@ def install(app: FastAPI) -> None:
         return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(
-            500, "internal", f"internal error ({type(exc).__name__}); see the server log"
-        )
+    async def unhandled(_: Request, exc: Exception) -> JSONResponse:
+        return internal_error()
+
+
+def internal_error() -> JSONResponse:
+    """The answer to an error nobody foresaw (logged with its traceback): never a bare 500."""
+    _, exc, _ = sys.exc_info()
+    log.exception("unhandled error")
+    return error_response(
+        500, "internal", f"internal error ({type(exc).__name__}); see the server log"
+    )

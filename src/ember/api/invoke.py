@@ -1,11 +1,12 @@
 """Calls (`POST /v1/apps/{app}/{fn}/run` and `/runsync`) served straight from ASGI.
 
 A call is the request ember serves most, and the one whose overhead users measure. FastAPI's
-routing, parameter parsing and dependency solving cost more CPU than the rest of a warm call, so
-this middleware answers the plain form of a call itself: the same auth, the same handlers
-(`routes.queue_job`, `routes.run_job`) and the same error bodies. Anything else, an unusual query
-string included, goes on to the FastAPI routes, which also document these endpoints in OpenAPI;
-so a request this cannot take whole is answered exactly as before.
+routing, parameter parsing, dependency solving and middleware stack cost more CPU than the rest
+of a warm call, so this app, in front of the FastAPI app (only the payload limit is outside it),
+answers the plain form of a call itself: the same auth, the same handlers (`routes.queue_job`,
+`routes.run_job`) and the same error bodies, an unexpected error included. Anything else, an
+unusual query string included, goes on to the FastAPI app, which also documents these endpoints
+in OpenAPI; so a request this cannot take whole is answered exactly as before.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from ember.api import routes
 from ember.api.auth import Auth
 from ember.api.auth import Scope as TokenScope
-from ember.api.errors import ApiException, render
+from ember.api.errors import ApiException, internal_error, render
 
 _CALL = re.compile(r"/v1/apps/([^/]+)/([^/]+)/(run|runsync)")
 _WAIT = re.compile(rb"wait=(\d{1,4}(?:\.\d{1,6})?)")
@@ -60,7 +63,9 @@ def call_of(method: str, path: str, query: bytes) -> Call | None:
 
 
 class Invoke:
-    def __init__(self, app: ASGIApp) -> None:
+    """The ASGI app in front of `app` (the FastAPI app): calls here, the rest there."""
+
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,8 +77,10 @@ class Invoke:
         if call is None:
             await self.app(scope, receive, send)
             return
+        scope["app"] = self.app  # what FastAPI sets: the handlers find the plane through it
         request = Request(scope, receive)
-        auth: Auth = request.app.state.auth
+        auth: Auth = self.app.state.auth
+        response: Response
         try:
             who = auth.require(request, TokenScope.INVOKE)
             if call.wait is None:
@@ -82,4 +89,6 @@ class Invoke:
                 response = await routes.run_job(request, who, call.app, call.fn, call.wait)
         except ApiException as exc:
             response = render(exc)
+        except Exception:  # as FastAPI's handler for Exception (`errors.install`) answers
+            response = internal_error()
         await response(scope, receive, send)

@@ -50,7 +50,7 @@ class AuditLog:
             "ip": ip,
         }
         if self.writer is not None:
-            self.writer.submit(execute(insert(tables.audit), row))
+            self.writer.submit(execute(insert(tables.audit), row), urgent=False)
         else:
             with self.engine.begin() as conn:
                 conn.execute(insert(tables.audit), row)

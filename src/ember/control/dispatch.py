@@ -56,14 +56,15 @@ class Dispatcher:
     # ----------------------------------------------------------------- queueing
     def enqueue(self, pool: Pool, job: Job) -> None:
         """A new job joins its pool's queue; a call after a quiet spell feeds `prewarm="auto"`."""
-        if (
+        quiet = (
             pool.last_call_end is not None
             and not pool.queue
-            and not any(w.active_jobs for w in pool.workers.values())
-        ):
-            pool.hist = pool.hist.record(max(0.0, job.created - pool.last_call_end))
+            and not any(w.has_active_jobs() for w in pool.workers.values())
+        )
         pool.queue.append(job)
         self.pump(pool)
+        if quiet and pool.last_call_end is not None:  # recorded once the job is on its way
+            pool.hist = pool.hist.record(max(0.0, job.created - pool.last_call_end))
 
     def pump(self, pool: Pool) -> None:
         """Hand queued jobs to ready workers with a free slot, warmest first."""
@@ -99,8 +100,11 @@ class Dispatcher:
         self.outside.phase(w, Phase.BUSY)
         w.last_used = now
         assert w.writer is not None
-        w.writer.write(
-            protocol.encode({"t": "run", "job": job.id, "fn": job.function, "input": job.input})
+        w.send(
+            protocol.encode(
+                {"t": "run", "job": job.id, "fn": job.function},
+                raw={"input": job.input_json.encode()},
+            )
         )
         job.timer = asyncio.get_running_loop().call_later(
             w.pool.spec.timeout, self._on_timeout, job, w
@@ -150,7 +154,8 @@ class Dispatcher:
                 self.outside.finish(job, JobStatus.CANCELLED, error=None)
             else:
                 self._on_job_error(job, msg["error"])
-        self._release(w, job.id)
+        # The slot is freed (and the pool pumped and scaled) once the job's waiters have run.
+        asyncio.get_running_loop().call_soon(self._release, w, job.id)
 
     def on_output(self, w: Worker, msg: dict[str, Any]) -> None:
         job = w.running.get(msg["job"])
@@ -233,7 +238,7 @@ class Dispatcher:
         w = job.worker
         self.outside.finish(job, JobStatus.CANCELLED, error=None)
         if w is not None and w.writer is not None:
-            w.writer.write(protocol.encode({"t": "cancel", "job": job.id}))
+            w.send(protocol.encode({"t": "cancel", "job": job.id}))
             asyncio.get_running_loop().call_later(
                 self.cancel_grace_s, self._kill_if_still_running, w, job.id
             )

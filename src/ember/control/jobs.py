@@ -50,6 +50,9 @@ _FINISH_JOB = (
 """Built once: building an UPDATE per job cost the event loop more than writing it."""
 _INSERT_JOB = insert(tables.jobs)
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""Inputs as compact JSON (a request body parsed as JSON always encodes back)."""
+
 Counts = dict[tuple[str, str, str], Counter[str]]
 """(workspace, app, function) -> jobs ended per status, since the store began."""
 
@@ -91,6 +94,8 @@ class JobBook:
     def recover(self, rows: Iterable[Any]) -> list[Job]:
         """The jobs of `rows` (from `load`) in memory again, queued; the plane requeues them."""
         now_wall, now = time.time(), time.monotonic()
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stored.set_result(None)  # their rows are in the store already
         jobs = []
         for row in rows:
             job = Job(
@@ -99,6 +104,7 @@ class JobBook:
                 function=row["function"],
                 unit="",
                 input=json.loads(row["input"]),
+                input_json=row["input"],
                 created_at=row["created_at"],
                 created=now - max(0.0, now_wall - row["created_at"]),
                 attempts=row["attempts"],
@@ -107,6 +113,7 @@ class JobBook:
                 token=row["token"],
                 tags=json.loads(row["tags"]) if row["tags"] else {},
             )
+            job.stored = stored
             self.jobs[job.id] = job
             jobs.append(job)
         return jobs
@@ -122,14 +129,15 @@ class JobBook:
         policy: str | None,
         token: str | None,
         tags: dict[str, str],
-    ) -> tuple[Job, asyncio.Future[None]]:
-        """A new job, in memory at once; the future resolves once its row is in the store."""
+    ) -> Job:
+        """A new job, in memory; `store` makes it durable."""
         job = Job(
             id=f"job-{_ids.getrandbits(96):024x}",
             app=app,
             function=meta.name,
             unit=meta.unit,
             input=input,
+            input_json=_encode(input),
             created_at=time.time(),
             created=time.monotonic(),
             kind=meta.kind,
@@ -138,27 +146,27 @@ class JobBook:
             token=token,
             tags=tags,
         )
-        row = {
-            "id": job.id,
-            "app": app,
-            "function": meta.name,
-            "status": JobStatus.IN_QUEUE.value,
-            "input": json.dumps(input),
-            "attempts": 0,
-            "created_at": job.created_at,
-            "workspace": workspace,
-            "policy": policy,
-            "token": token,
-            "tags": json.dumps(tags) if tags else None,
-        }
-        durable = self.writer.submit(execute(_INSERT_JOB, row))
         self.jobs[job.id] = job
-        return job, durable
+        return job
+
+    def store(self, job: Job) -> asyncio.Future[None]:
+        """Queue the job's row (once); the future resolves once it is in the store.
+
+        A `/run` job is stored before its 202. A `/runsync` job is stored only when its caller
+        is answered before it ends (a 202 with its id), or else at its end, as one INSERT of its
+        final row: until then only its caller, on an open connection, knows it exists.
+        """
+        if job.stored is None:
+            job.stored = self.writer.submit(execute(_INSERT_JOB, _row(job)))
+        return job.stored
 
     def store_attempts(self, job: Job) -> None:
-        """A retry is remembered, so a server restart cannot grant a crashing job more tries."""
+        """A retry is remembered, so a server restart cannot grant a crashing job more tries
+        (a job not stored yet carries its attempts in the row it is stored with)."""
+        if job.stored is None:
+            return
         stmt = update(tables.jobs).where(tables.jobs.c.id == job.id).values(attempts=job.attempts)
-        self.writer.submit(execute(stmt))
+        self.writer.submit(execute(stmt), urgent=False)
 
     # ----------------------------------------------------------------- the end of a job
     def finish(
@@ -192,9 +200,13 @@ class JobBook:
         self.counts.setdefault((job.workspace, job.app, job.function), Counter())[status.value] += 1
         job.done.set()
         job.notify()
-        row = {
-            "job_id": job.id,
-            "status": status.value,
+        # Its row is written after its waiters have run: a runsync answer goes out first.
+        asyncio.get_running_loop().call_soon(self._store_final, job)
+
+    def _store_final(self, job: Job) -> None:
+        error = job.error
+        final = {
+            "status": job.status.value,
             "output": None if job.output is None else json.dumps(job.output),
             "error": None if error is None else json.dumps(error),
             "timings": json.dumps(job.timings),
@@ -203,9 +215,12 @@ class JobBook:
             "version": job.worker.pool.version if job.worker else None,
             "finished_at": job.finished_at,
         }
-        self.writer.submit(execute(_FINISH_JOB, row)).add_done_callback(
-            lambda _f: self._forget(job)
-        )
+        if job.stored is None:  # never stored: one INSERT of its final row
+            op = execute(_INSERT_JOB, {**_row(job), **final})
+        else:
+            op = execute(_FINISH_JOB, {"job_id": job.id, **final})
+        job.stored = self.writer.submit(op, urgent=False)
+        job.stored.add_done_callback(lambda _f: self._forget(job))
 
     def _cost(self, job: Job) -> dict[str, float]:
         w, t = job.worker, job.timings
@@ -280,3 +295,20 @@ class JobBook:
             "cancelled": counts["CANCELLED"],
             "timed_out": counts["TIMED_OUT"],
         }
+
+
+def _row(job: Job) -> dict[str, Any]:
+    """A job's row as accepted: queued, no attempt yet."""
+    return {
+        "id": job.id,
+        "app": job.app,
+        "function": job.function,
+        "status": JobStatus.IN_QUEUE.value,
+        "input": job.input_json,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "workspace": job.workspace,
+        "policy": job.policy,
+        "token": job.token,
+        "tags": json.dumps(job.tags) if job.tags else None,
+    }

@@ -24,7 +24,7 @@ from ember.store import tables
 from ember.store.writer import Writer
 
 
-def _usage_row(r: UsageRecord) -> dict[str, Any]:
+def _usage_row(r: UsageRecord, tags_json: str) -> dict[str, Any]:
     return {
         "worker": r.worker,
         "app": r.app,
@@ -39,7 +39,7 @@ def _usage_row(r: UsageRecord) -> dict[str, Any]:
         "cpu": r.resources.cpu,
         "memory_gib": r.resources.memory_gib,
         "usd": r.usd,
-        "tags": json.dumps(dict(r.tags)),
+        "tags": tags_json,
         "starts": r.starts,
         "workspace": r.workspace,
         "policy": r.policy,
@@ -60,6 +60,7 @@ class Meter:
 
     def begin(self, w: Worker, now: float, tags: Mapping[str, str]) -> None:
         w.tags = dict(tags)
+        w.tags_json = json.dumps(w.tags)
         w.started_at = w.seg_start = w.metered_until = now
         w.seg_phase = Phase.COLD_START
         w.first_record = True
@@ -135,7 +136,7 @@ class Meter:
                     ended,
                 )
 
-        self.writer.submit(write)
+        self.writer.submit(write, urgent=False)
 
     def _cut(self, w: Worker, now: float, extra_billed_ms: float = 0.0) -> None:
         assert w.seg_phase is not None
@@ -161,7 +162,7 @@ class Meter:
         w.first_record = False
         w.seg_start = end
         w.billed_ms += record.billed_ms
-        self._records.append(_usage_row(record))
+        self._records.append(_usage_row(record, w.tags_json))
 
 
 def round_up_orphans(conn: Connection, billing: str) -> None:

@@ -242,8 +242,8 @@ class ControlPlane:
         *,
         policy: str | None = None,
         token: str | None = None,
-    ) -> tuple[Job, asyncio.Future[None]]:
-        """Accept a job; the returned future resolves once it is durable in the store.
+    ) -> Job:
+        """Accept a job (`stored` makes it durable).
 
         Under a usage policy, the budget is checked here, before the job exists: once a `block`
         policy has spent its budget, calls are refused and only jobs already admitted run on.
@@ -261,13 +261,16 @@ class ControlPlane:
             if isinstance(fit, Never):
                 raise UnplaceableError(fit.reason)
         tags = dict(rules.tags) if rules else {}
-        job, durable = self.jobs.accept(
-            workspace, app, meta, input, policy=policy, token=token, tags=tags
-        )
+        job = self.jobs.accept(workspace, app, meta, input, policy=policy, token=token, tags=tags)
         pool = state.pool(meta.unit, policy)
         self.dispatch.enqueue(pool, job)
-        self._scale(pool)
-        return job, durable
+        # Scaled later in this turn of the loop: the job's frame to its worker goes out first.
+        asyncio.get_running_loop().call_soon(self._scale, pool)
+        return job
+
+    def stored(self, job: Job) -> asyncio.Future[None]:
+        """Make an accepted job durable: resolves once its row is in the store."""
+        return self.jobs.store(job)
 
     async def get_job(self, workspace: str, job_id: str) -> Job | dict[str, Any]:
         return await self.jobs.get(workspace, job_id)

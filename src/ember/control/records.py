@@ -84,6 +84,8 @@ class Job:
     created: float
     """Monotonic clock, for the latency terms."""
     kind: str = "function"
+    input_json: str = ""
+    """`input` as JSON, encoded once at intake: for its row and its worker alike."""
     workspace: str = "default"
     policy: str | None = None
     """The usage policy of the token that submitted it: its pool, tags and budget."""
@@ -110,17 +112,28 @@ class Job:
     reason: str | None = None
     """Why a queued job is still waiting (no GPU free), for people reading its status."""
     timer: asyncio.TimerHandle | None = None
+    stored: asyncio.Future[None] | None = None
+    """Its row's INSERT, once queued (`JobBook.store`); None while it lives in memory alone."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def is_generator(self) -> bool:
         return self.kind in ("generator", "async_generator")
 
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set at the job's next change: a stream reader takes it, reads the job, waits on it."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
     def notify(self) -> None:
-        """Wake every stream reader; each then waits on the fresh event."""
-        event, self.changed = self.changed, asyncio.Event()
-        event.set()
+        """Wake every stream reader; each then takes a fresh event (made only when asked for:
+        most jobs have no reader)."""
+        event, self._changed = self._changed, None
+        if event is not None:
+            event.set()
 
     def body(self) -> dict[str, Any]:
         return {
@@ -150,6 +163,8 @@ class Worker:
     pid: int | None = None
     process: Any = None
     writer: asyncio.StreamWriter | None = None
+    outbox: list[bytes] = field(default_factory=list, repr=False)
+    """Frames waiting for the end of this turn of the loop (`send`)."""
     ready: float | None = None
     load_ms: float = 0.0
     running: dict[str, Job] = field(default_factory=dict)
@@ -164,6 +179,8 @@ class Worker:
     resources: Resources = field(default_factory=Resources)
     # metering: the open usage segment (wall clock)
     tags: dict[str, str] = field(default_factory=dict)
+    tags_json: str = "{}"
+    """`tags` as stored with each usage record, encoded once."""
     started_at: float = 0.0
     seg_start: float = 0.0
     seg_phase: Phase | None = None
@@ -172,6 +189,18 @@ class Worker:
     billed_ms: float = 0.0
     """What this worker's usage records have billed so far."""
     last_job_done: bool = False
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame for the worker; the frames of one turn of the event loop go out in one
+        write (under load, one wake-up of the worker for many jobs, not one each)."""
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outbox.append(frame)
+
+    def _flush(self) -> None:
+        frames, self.outbox = self.outbox, []
+        if self.writer is not None and frames:
+            self.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     @property
     def start(self) -> WorkerStart | None:
@@ -182,6 +211,9 @@ class Worker:
     @property
     def active_jobs(self) -> int:
         return sum(1 for j in self.running.values() if not j.status.terminal)
+
+    def has_active_jobs(self) -> bool:
+        return any(not j.status.terminal for j in self.running.values())
 
     def view(self) -> WorkerView:
         return WorkerView(self.id, self.state, self.idle_since, self.last_used)

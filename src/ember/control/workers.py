@@ -151,7 +151,7 @@ class Workers:
         if not was_ready or w.writer is None:
             self.kill(w, reason)
             return
-        w.writer.write(protocol.encode({"t": "drain"}))
+        w.send(protocol.encode({"t": "drain"}))
         grace = self.drain_grace_s + (w.pool.spec.timeout if w.running else 0.0)
         w.kill_timer = asyncio.get_running_loop().call_later(
             grace, self.kill, w, f"{reason}; did not drain in time"

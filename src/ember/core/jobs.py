@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 
 
@@ -13,8 +14,9 @@ class JobStatus(StrEnum):
     CANCELLED = "CANCELLED"
     TIMED_OUT = "TIMED_OUT"
 
-    @property
+    @functools.cached_property
     def terminal(self) -> bool:
+        """Asked several times per call on the warm path: worked out once per state."""
         return self not in (JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS)
 
 

@@ -2,9 +2,11 @@
 
 Callers on the event loop enqueue a statement and, when they need durability before answering
 (an accepted `/run`), await the returned future; everyone else fires and forgets. Under load, one
-commit covers many jobs, so the store is never the bottleneck. Within a batch, consecutive runs of
-one statement with a row each (a job accepted, a job finished) go to the database as one
-executemany: one compiled statement for the lot, not one per row.
+commit covers many jobs, so the store is never the bottleneck. A write nobody waits for
+(`urgent=False`: a job's final row, metering, audit) may wait up to `LINGER_S` for company, so
+that one commit also covers a few sequential calls; a write someone awaits goes at once, with
+everything queued before it. Within a batch, consecutive runs of one statement with a row each
+(jobs finished, say) go to the database as one executemany: one compiled statement for the lot.
 """
 
 from __future__ import annotations
@@ -23,30 +25,44 @@ log = logging.getLogger("ember.store")
 
 Op = Callable[[Connection], None]
 _STOP = object()
+LINGER_S = 0.005
+"""How long writes nobody awaits may gather before they are committed together."""
+BATCH = 512
 
 
 class Writer:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine, self.loop = engine, loop
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._urgent = threading.Event()
+        """Set by a write somebody awaits: the batch goes now."""
         self._thread = threading.Thread(target=self._run, name="ember-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, op: Op) -> asyncio.Future[None]:
+    def submit(self, op: Op, *, urgent: bool = True) -> asyncio.Future[None]:
+        """Queue `op`; the future resolves once it is committed. `urgent=False`: nobody waits
+        for it, so it may linger a moment to share a commit, and wakes the writer only when it is
+        idle."""
         fut: asyncio.Future[None] = self.loop.create_future()
         self._queue.put((op, fut))
+        if urgent:
+            self._urgent.set()
         return fut
 
     def close(self) -> None:
         """Write everything queued so far, then stop."""
         self._queue.put(_STOP)
+        self._urgent.set()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            batch = [first]
-            while len(batch) < 512:
+            batch = [self._queue.get()]  # idle: the first write of a batch wakes the thread
+            # Then the writes nobody awaits gather for up to LINGER_S, without waking it; a
+            # write somebody awaits ends the wait at once.
+            self._urgent.wait(LINGER_S)
+            self._urgent.clear()
+            while len(batch) < BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -72,8 +88,8 @@ class Writer:
             return
         if error is not None:
             log.error("a store write failed: %r", error)
-        for _, fut in items:
-            self.loop.call_soon_threadsafe(_settle, fut, error)
+        # one wake-up of the event loop for the whole batch, not one per write
+        self.loop.call_soon_threadsafe(_settle_all, [fut for _, fut in items], error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +136,11 @@ def _grouped(ops: list[Op]) -> list[Op]:
         else op
         for op in out
     ]
+
+
+def _settle_all(futs: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for fut in futs:
+        _settle(fut, error)
 
 
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:

@@ -1,1 +1,1 @@
-"""The live control plane: jobs, pools of workers, the autoscaler loop, persistence calls."""
+"""The live control plane: rooms that each own one kind of state, wired by `plane.ControlPlane`."""

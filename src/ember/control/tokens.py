@@ -95,6 +95,18 @@ def new_token() -> str:
     return "ember_" + secrets.token_urlsafe(32)
 
 
+def _admin_token(workspace: str, digest: str, now: float, *, bootstrap: bool = False) -> Any:
+    """The INSERT of a workspace's first admin token (the bootstrap one: the default's)."""
+    return insert(tables.tokens).values(
+        name="admin",
+        hash=digest,
+        created_at=now,
+        workspace=workspace,
+        scope=Scope.ADMIN.label,
+        bootstrap=bootstrap,
+    )
+
+
 def ensure_token(engine: Engine, data_dir: Path) -> None:
     """Make sure the bootstrap token file exists and is known.
 
@@ -119,16 +131,7 @@ def ensure_token(engine: Engine, data_dir: Path) -> None:
         os.chmod(path, 0o600)
         h = token_hash(token)
         if conn.execute(select(t.id).where(t.hash == h)).first() is None:
-            conn.execute(
-                insert(tables.tokens).values(
-                    name="admin",
-                    hash=h,
-                    created_at=now,
-                    workspace=DEFAULT_WORKSPACE,
-                    scope=Scope.ADMIN.label,
-                    bootstrap=True,
-                )
-            )
+            conn.execute(_admin_token(DEFAULT_WORKSPACE, h, now, bootstrap=True))
 
 
 class TokenBook:
@@ -178,15 +181,7 @@ class TokenBook:
 
         def write(conn: Connection) -> None:
             conn.execute(insert(tables.workspaces).values(name=name, created_at=now))
-            conn.execute(
-                insert(tables.tokens).values(
-                    name="admin",
-                    hash=digest,
-                    created_at=now,
-                    workspace=name,
-                    scope=Scope.ADMIN.label,
-                )
-            )
+            conn.execute(_admin_token(name, digest, now))
 
         try:
             await self._write(write)

@@ -193,9 +193,6 @@ class Worker:
         """Write one frame now, from any thread."""
         self._write(protocol.encode(msg, raw))
 
-    def send_threadsafe(self, msg: dict[str, Any]) -> None:
-        self.send(msg)
-
     def _write(self, data: bytes) -> None:
         assert self.sock is not None
         with self.send_lock:

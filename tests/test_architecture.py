@@ -29,7 +29,12 @@ ROOMS = {
 """The rooms of `ember.control`: each owns one kind of state and imports no other room."""
 SHARED = {"records", "errors", "settings"}
 """What every room may import from `ember.control`."""
-HELPERS = {"governance": {"policies"}, "secrets": {"vault"}, "deployments": {"manifest"}}
+HELPERS = {
+    "governance": {"policies"},
+    "secrets": {"vault"},
+    "deployments": {"manifest"},
+    "meter": {"rollups"},
+}
 """The private helper modules of a room."""
 
 

@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import Server, spawn, wait_for
+from ember.control.audit import MAX_SOURCES, OTHERS, AuditLog
 from ember.sdk.deploy import load_apps, manifest
+from ember.store.db import make_engine, migrate, sqlite_url
 from test_cli import ember, plain
 
 SECRET_VALUE = "sk-audit-S3cret-value-94c1e7"
@@ -117,6 +120,8 @@ def test_each_security_relevant_request_appends_one_event(server: Server, tmp_pa
             "outcome",
             "detail",
             "ip",
+            "count",
+            "last_ts",
         }
         assert start - 1 <= e["ts"] <= end + 1, e
         assert e["actor"] and e["action"] and e["outcome"], e
@@ -143,8 +148,12 @@ def test_each_security_relevant_request_appends_one_event(server: Server, tmp_pa
     workspace = one(found, "workspace.create", target="team")
     assert (workspace["actor"], workspace["outcome"]) == (op, "ok")
 
+    # refusals without a valid token are counted per source, reason and minute: the wrong and
+    # the revoked token share a row (unless a minute ended between them)
     failed = [e for e in found if e["action"] == "auth.failed"]
-    assert len(failed) == 3, failed
+    assert 2 <= len(failed) <= 3 and sum(e["count"] for e in failed) == 3, failed
+    assert all(e["last_ts"] >= e["ts"] for e in failed)
+    assert all((e["count"], e["last_ts"]) == (1, None) for e in found if e not in failed)
     for e in failed:
         assert (e["actor"], e["outcome"], e["workspace"]) == ("anonymous", "refused", None)
         assert e["target"] == "GET /v1/apps"
@@ -302,6 +311,97 @@ def test_secret_values_never_reach_the_trail(server: Server) -> None:
     with sqlite3.connect(f"file:{server.data_dir / 'ember.db'}?mode=ro", uri=True) as db:
         rows = db.execute("SELECT * FROM audit").fetchall()
     assert rows and SECRET_VALUE not in repr(rows)
+
+
+def test_a_flood_of_refused_requests_is_a_handful_of_counted_rows(server: Server) -> None:
+    flood, threads = 5000, 8
+    sent: list[int] = []
+
+    def send(i: int) -> None:
+        headers = [{}, {"Authorization": f"Bearer {WRONG_TOKEN}"}][i % 2]
+        with httpx.Client(base_url=server.url, timeout=30, headers=headers) as client:
+            for _ in range(flood // threads):
+                sent.append(client.get("/v1/apps").status_code)
+
+    started = time.time()
+    workers = [threading.Thread(target=send, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    minutes = int(time.time() // 60 - started // 60) + 1
+    assert sent == [401] * flood
+    ok(server.http("PUT", "/v1/secrets/s", json={"values": {"K": "value"}}))  # one row, as ever
+
+    found = events(server)  # written up to now
+    failed = [e for e in found if e["action"] == "auth.failed"]
+    assert sum(e["count"] for e in failed) == flood
+    assert len(failed) <= 2 * minutes, failed  # per source, reason and minute
+    assert {e["ip"] for e in failed} == {"127.0.0.1"}
+    assert {e["detail"]["why"].split(":")[0] for e in failed} == {
+        "invalid or revoked token",
+        "missing bearer token",
+    }
+    for e in failed:
+        assert e["ts"] <= e["last_ts"] and e["last_ts"] - e["ts"] < 60, e
+        assert (e["actor"], e["outcome"], e["workspace"]) == ("anonymous", "refused", None)
+    assert one(found, "secret.set", target="s")["count"] == 1
+    with sqlite3.connect(f"file:{server.data_dir / 'ember.db'}?mode=ro", uri=True) as db:
+        (rows,) = db.execute("SELECT count(*) FROM audit").fetchone()
+    assert rows == len(failed) + 1
+
+    # the CLI lists them with their count; the counters only grow, below the API too
+    out = plain(ember(server, "audit", "--since", "1h").stdout)
+    assert "auth.failed" in out and f"x{max(e['count'] for e in failed)}" in out
+    db = sqlite3.connect(server.data_dir / "ember.db", timeout=10)
+    try:
+        for statement in (
+            "UPDATE audit SET count = 1 WHERE last_ts IS NOT NULL",
+            "UPDATE audit SET count = count + 1, ip = '10.0.0.1' WHERE last_ts IS NOT NULL",
+            "UPDATE audit SET count = count + 1 WHERE last_ts IS NULL",
+            "DELETE FROM audit WHERE last_ts IS NOT NULL",
+        ):
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                db.execute(statement)
+            db.rollback()
+    finally:
+        db.close()
+
+    # counted across a restart: later refusals add rows of their own minute, none is lost
+    server.restart()
+    ok(server.http("GET", "/v1/apps", token=WRONG_TOKEN), 401)
+    again = [e for e in events(server) if e["action"] == "auth.failed"]
+    assert sum(e["count"] for e in again) == flood + 1
+
+
+def test_refusals_from_more_sources_than_counters_share_one(tmp_path: Path) -> None:
+    """Past MAX_SOURCES counters in a minute the rest share one row: memory and rows stay
+    bounded however many addresses a flood comes from (driven on the room itself, on a real
+    store, since every request of a test comes from 127.0.0.1)."""
+    engine = make_engine(sqlite_url(tmp_path))
+    migrate(engine)
+    log = AuditLog(engine)
+    sources = MAX_SOURCES + 500
+    for i in range(sources):
+        for _ in range(2):
+            log.record(
+                workspace=None,
+                actor="anonymous",
+                action="auth.failed",
+                outcome="refused",
+                target="GET /v1/apps",
+                detail={"why": "invalid or revoked token"},
+                ip=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+            )
+    log.checkpoint(time.time())
+    found = log.read("default", None, None, 100_000, unattributed=True)
+    engine.dispose()
+    assert sum(e["count"] for e in found) == 2 * sources
+    # one row per source, and one more for the rest (two if a minute ended meanwhile)
+    assert MAX_SOURCES + 1 <= len(found) <= 2 * MAX_SOURCES + 2
+    shared = [e for e in found if e["ip"] == OTHERS]
+    assert shared and all(e["count"] <= 2 for e in found if e["ip"] != OTHERS)
+    assert "more than" in shared[0]["detail"]["why"]
 
 
 # ----------------------------------------------------------------------------- doctor

@@ -56,14 +56,18 @@ def audit(
             else str(ts)
         )
         outcome = str(e.get("outcome") or "-")
+        count = e.get("count") or 1
         table.add_row(
             when,
             escape(str(e.get("workspace") or "-")),
             escape(str(e.get("actor") or "-")),
             escape(str(e.get("action") or "-")),
             escape(str(e.get("target") or "-")),
-            escape(outcome)
-            if outcome in ("ok", "allowed", "success")
-            else f"[red]{escape(outcome)}[/red]",
+            (
+                escape(outcome)
+                if outcome in ("ok", "allowed", "success")
+                else f"[red]{escape(outcome)}[/red]"
+            )
+            + (f" x{count}" if count > 1 else ""),
         )
     out.print(table)

@@ -1,4 +1,5 @@
-"""The metering shell: turns worker state changes into usage records, written in batches.
+"""The metering shell: turns worker state changes into usage records, written in batches, and
+keeps their rollups; answers usage queries from both.
 
 Each worker's life is one chain of records with shared boundaries (cold_start, then idle/busy),
 also cut at every checkpoint, so the records of a worker add up to its lifetime to the
@@ -7,6 +8,9 @@ transaction with each live worker's `metered_until`: the store always holds a co
 snapshot, and a server killed at any instant loses at most the time since the last checkpoint,
 which is also where each worker's recorded life ends after the restart. Off the request path,
 and a handful of writes per second however many jobs run.
+
+The same transaction folds the new records into the usage rollups (`rollups.py`, which also
+answers usage queries from them).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 
 from ember.control.records import Worker
-from ember.core.metering import Phase, UsageRecord, make_record
+from ember.control.rollups import fold_usage, row_cell, upsert
+from ember.core.metering import Phase, Totals, UsageRecord, bucket_of, make_record, micros, pico
 from ember.core.pricing import PriceTable, Resources, rounding_ms
+from ember.core.rollup import SPANS
 from ember.store import tables
 from ember.store.writer import Writer
 
@@ -116,6 +122,7 @@ class Meter:
                 conn.execute(insert(tables.workers), new)
             if records:
                 conn.execute(insert(tables.usage), records)
+                fold_usage(conn)
             if progress:
                 conn.execute(
                     update(tables.workers)
@@ -174,6 +181,7 @@ def round_up_orphans(conn: Connection, billing: str) -> None:
     """
     if billing != "second":
         return
+    fold_usage(conn)  # the rollup holds every record: the change below is added to it as a delta
     w, u = tables.workers.c, tables.usage.c
     orphans = conn.execute(select(w.id).where(w.ended_at.is_(None))).scalars().all()
     for wid in orphans:
@@ -190,11 +198,19 @@ def round_up_orphans(conn: Connection, billing: str) -> None:
         billed = round(last.billed_ms + extra, 3)
         usd = last.usd * billed / last.billed_ms
         conn.execute(update(tables.usage).where(u.id == last.id).values(billed_ms=billed, usd=usd))
+        row = conn.execute(select(tables.usage).where(u.id == last.id)).mappings().one()
+        ws, start, shape, _ = row_cell(row, {})
+        delta = Totals(micros(billed) - micros(last.billed_ms), pico(usd) - pico(last.usd))
+        upsert(
+            conn, {(span, ws, bucket_of(start, step), shape): delta for span, step in SPANS.items()}
+        )
 
 
 def end_orphans(conn: Connection, billing: str) -> None:
     """Workers of the previous run that never recorded their end (the server was killed) end
-    where their metering does: at their last checkpoint (rounded up under per-second billing)."""
+    where their metering does: at their last checkpoint (rounded up under per-second billing).
+    Also folds into the rollups any record they do not hold yet."""
+    fold_usage(conn)
     round_up_orphans(conn, billing)
     conn.execute(
         update(tables.workers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -97,6 +98,7 @@ jobs = Table(
 Index("ix_jobs_status", jobs.c.status)
 Index("ix_jobs_workspace", jobs.c.workspace)
 Index("ix_jobs_app_function", jobs.c.app, jobs.c.function)
+Index("ix_jobs_finished_at", jobs.c.finished_at)
 
 workers = Table(
     "workers",
@@ -140,6 +142,55 @@ usage = Table(
 Index("ix_usage_start", usage.c.start)
 Index("ix_usage_worker", usage.c.worker)
 Index("ix_usage_policy", usage.c.workspace, usage.c.policy, usage.c.start)
+Index("ix_usage_workspace_start", usage.c.workspace, usage.c.start)
+
+usage_rollup = Table(
+    # The usage records summed per workspace, span ("hour" or "day") bucket of their start and
+    # shape (`core.metering.Shape`), in exact integers: `GET /v1/usage` sums these for whole
+    # buckets and reads raw records only at a window's edges. Written with the records.
+    "usage_rollup",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("workspace", String(64), nullable=False),
+    Column("span", String(8), nullable=False),
+    Column("bucket", BigInteger, nullable=False),
+    Column("app", String(64), nullable=False),
+    Column("unit", String(64), nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("gpu_type", String(32), nullable=False),
+    Column("gpu_count", Float, nullable=False),
+    Column("cpu", Float, nullable=False),
+    Column("policy", String(64), nullable=False),
+    Column("tags", Text, nullable=False),
+    Column("billed_us", BigInteger, nullable=False),
+    Column("usd_pico", BigInteger, nullable=False),
+    Column("starts", Integer, nullable=False),
+    Column("records", Integer, nullable=False),
+    Column("longest_s", Float, nullable=False),
+    UniqueConstraint(
+        "workspace",
+        "span",
+        "bucket",
+        "app",
+        "unit",
+        "phase",
+        "gpu_type",
+        "gpu_count",
+        "cpu",
+        "policy",
+        "tags",
+        name="uq_usage_rollup_cell",
+    ),
+)
+
+marks = Table(
+    # How far a derived table has folded its source: `usage_rollup` holds every usage record
+    # up to id `value` of the row named "usage_rollup".
+    "marks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
 
 policies = Table(
     "policies",
@@ -179,5 +230,9 @@ audit = Table(
     Column("outcome", String(32), nullable=False),
     Column("detail", Text),
     Column("ip", String(64)),
+    # Refused unauthenticated requests are one row per source, reason and minute: `count` of
+    # them, the last at `last_ts` (NULL on every other event, whose count is 1).
+    Column("count", Integer, nullable=False, server_default="1"),
+    Column("last_ts", Float),
 )
 Index("ix_audit_ts", audit.c.ts)

@@ -34,7 +34,22 @@ class NotFound(ApiError):
 
 
 class InvalidInput(ApiError):
-    pass
+    """The input does not fit the function: refused by the server (HTTP 422), or by the SDK
+    before sending, for an argument JSON cannot carry (`before_sending`; `status` is 422 there
+    too, so that one handler serves both)."""
+
+    @classmethod
+    def before_sending(cls, message: str) -> InvalidInput:
+        err = cls(422, "invalid_input", message)
+        err.args = (message,)  # nothing was sent: no "(HTTP 422 ...)" in its text
+        return err
+
+
+class RateLimited(ApiError):
+    """The server cannot take the call now (HTTP 429): the workspace's queue is at its limit,
+    which the message names; try again after `retry_after` seconds (None if it said none)."""
+
+    retry_after: float | None = None
 
 
 class ServerUnavailable(EmberError):

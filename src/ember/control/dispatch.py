@@ -46,6 +46,8 @@ class Outside:
     """The pool's queue or free slots changed (the scaler)."""
     home_of: Callable[[Job], Pool | None]
     """The current pool a requeued job goes back to; None if its function is gone."""
+    track: Callable[[Job], None]
+    """A job left its queue or rejoined it (the job book counts what each workspace queues)."""
 
 
 class Dispatcher:
@@ -88,6 +90,7 @@ class Dispatcher:
     def _dispatch(self, job: Job, w: Worker) -> None:
         now = time.monotonic()
         job.status = JobStatus.IN_PROGRESS
+        self.outside.track(job)
         job.dispatched = now
         job.worker = w
         job.worker_start = w.start
@@ -217,6 +220,7 @@ class Dispatcher:
             )
             return
         pool.queue.appendleft(job)
+        self.outside.track(job)
         job.notify()
 
     def fail_queue(self, pool: Pool, error: dict[str, Any]) -> None:

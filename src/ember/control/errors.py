@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ember.core.budgets import Blocked
+from ember.core.quotas import QueueFull
 
 
 class NotFoundError(LookupError):
@@ -37,6 +38,15 @@ class BudgetBlocked(Exception):
     def __init__(self, blocked: Blocked) -> None:
         super().__init__(blocked.message)
         self.blocked = blocked
+
+
+class QueueFullError(Exception):
+    """A workspace's queue is at one of its limits (HTTP 429, or 413 when the input alone is
+    larger than the bytes limit)."""
+
+    def __init__(self, full: QueueFull) -> None:
+        super().__init__(full.message)
+        self.full = full
 
 
 def job_error(type_: str, message: str) -> dict[str, Any]:

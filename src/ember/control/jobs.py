@@ -3,36 +3,45 @@
 A job is accepted here (its row queued for the store), ended here (timings, cost, the final row)
 and read back here, from memory while it is in flight or recent, from the store after. Which
 worker runs it and when is the dispatcher's business; this room learns of it only through the
-job record and tells the plane that a job ended through `on_finished`.
+job record (and `track`, which dispatch calls as a job leaves or rejoins a queue) and tells the
+plane that a job ended through `on_finished`.
+
+It also bounds what a workspace may queue (`core.quotas.admit` over counts kept here, so the check
+costs no store read) and prunes finished jobs past their retention period (`prune_forever`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
-import secrets
+import logging
+import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 
-from ember.control.errors import NotFoundError
+from ember.control.errors import NotFoundError, QueueFullError
 from ember.control.records import FunctionMeta, Job
 from ember.core.jobs import JobStatus
 from ember.core.metering import job_cost
 from ember.core.pricing import PriceTable
+from ember.core.quotas import PRUNE_BATCH, Queued, Quotas, admit, duration_text, prune_every
 from ember.core.timings import job_timings
 from ember.store import tables
 from ember.store.writer import Writer, execute
 
+log = logging.getLogger("ember.control")
+
 RECENT_JOBS = 4096
 
-_ids = random.Random(secrets.randbits(128))
-"""Job ids: unique, not secrets (a job is reached only from its own workspace), and drawn without
-a system call per job, which costs more than the rest of building its id."""
+ID_BYTES = 12
+"""Job ids are `job-` and 24 hex digits from the OS's cryptographic source (`os.urandom`, what
+`secrets.token_hex` reads, without its two Python calls): the ids one workspace sees reveal
+nothing of another's traffic (a seeded generator is replayed from 208 of its ids). It costs what
+formatting a seeded generator's integer did, about a microsecond (docs/benchmarks.md)."""
 
 _FINISH_JOB = (
     update(tables.jobs)
@@ -57,13 +66,31 @@ Counts = dict[tuple[str, str, str], Counter[str]]
 """(workspace, app, function) -> jobs ended per status, since the store began."""
 
 
+_ENDED = [s.value for s in JobStatus if s.terminal]
+
+
+def _size(text: str) -> int:
+    """Bytes of `text` in UTF-8, without encoding it when it is ASCII (the usual input)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 class JobBook:
     def __init__(
-        self, engine: Engine, prices: PriceTable, on_finished: Callable[[Job], None]
+        self,
+        engine: Engine,
+        prices: PriceTable,
+        on_finished: Callable[[Job], None],
+        quotas: Quotas | None = None,
     ) -> None:
         self.engine = engine
         self.prices = prices
         self.on_finished = on_finished
+        self.quotas = quotas or Quotas()
+        self._queued_jobs: Counter[str] = Counter()
+        self._queued_bytes: Counter[str] = Counter()
+        """Per workspace: its IN_QUEUE jobs and their encoded inputs (what `admit` bounds)."""
+        self._counted: dict[str, int] = {}
+        """Job id -> input bytes, for each job in those counts: `track` is idempotent."""
         """Told of every job that ends, after its state is final (its pool's call history)."""
         self.jobs: dict[str, Job] = {}
         """Accepted and not yet stored in its final state."""
@@ -115,6 +142,7 @@ class JobBook:
             )
             job.stored = stored
             self.jobs[job.id] = job
+            self.track(job)  # counted, never refused: it was accepted before the restart
             jobs.append(job)
         return jobs
 
@@ -130,14 +158,23 @@ class JobBook:
         token: str | None,
         tags: dict[str, str],
     ) -> Job:
-        """A new job, in memory; `store` makes it durable."""
+        """A new job, in memory; `store` makes it durable. Raises QueueFullError, before
+        anything exists of the job, when the workspace's queue is at one of its limits."""
+        input_json = _encode(input)
+        full = admit(
+            Queued(self._queued_jobs[workspace], self._queued_bytes[workspace]),
+            _size(input_json),
+            self.quotas,
+        )
+        if full is not None:
+            raise QueueFullError(full)
         job = Job(
-            id=f"job-{_ids.getrandbits(96):024x}",
+            id="job-" + os.urandom(ID_BYTES).hex(),
             app=app,
             function=meta.name,
             unit=meta.unit,
             input=input,
-            input_json=_encode(input),
+            input_json=input_json,
             created_at=time.time(),
             created=time.monotonic(),
             kind=meta.kind,
@@ -147,7 +184,29 @@ class JobBook:
             tags=tags,
         )
         self.jobs[job.id] = job
+        self.track(job)
         return job
+
+    def track(self, job: Job) -> None:
+        """Bring the queue counts in line with the job's state: counted while IN_QUEUE (a new
+        job, a requeued one, a recovered one), not once a worker has it or it ended."""
+        counted = self._counted.get(job.id)
+        if job.status is JobStatus.IN_QUEUE:
+            if counted is None:
+                size = self._counted[job.id] = _size(job.input_json)
+                self._queued_jobs[job.workspace] += 1
+                self._queued_bytes[job.workspace] += size
+        elif counted is not None:
+            del self._counted[job.id]
+            ws = job.workspace
+            self._queued_jobs[ws] -= 1
+            self._queued_bytes[ws] -= counted
+            if not self._queued_jobs[ws]:
+                del self._queued_jobs[ws], self._queued_bytes[ws]
+
+    def queued(self, workspace: str) -> Queued:
+        """What the workspace has queued now."""
+        return Queued(self._queued_jobs[workspace], self._queued_bytes[workspace])
 
     def store(self, job: Job) -> asyncio.Future[None]:
         """Queue the job's row (once); the future resolves once it is in the store.
@@ -196,6 +255,7 @@ class JobBook:
         ).to_dict()
         job.cost = self._cost(job)
         job.reason = None
+        self.track(job)
         self.on_finished(job)
         self.counts.setdefault((job.workspace, job.app, job.function), Counter())[status.value] += 1
         job.done.set()
@@ -250,7 +310,12 @@ class JobBook:
             return job
         row = None if job is not None else await asyncio.to_thread(self._load_job, job_id)
         if row is None or row.pop("workspace") != workspace:
-            raise NotFoundError("job_not_found", f"no job with id {job_id!r}")
+            raise NotFoundError(
+                "job_not_found",
+                f"no job with id {job_id!r} in this workspace (finished jobs are kept for "
+                f"{duration_text(self.quotas.job_retention_s)}, then pruned: the server's "
+                "--job-retention)",
+            )
         return row
 
     def _load_job(self, job_id: str) -> dict[str, Any] | None:
@@ -279,6 +344,35 @@ class JobBook:
             "finished_at": row["finished_at"],
         }
 
+    # ----------------------------------------------------------------- retention
+    async def prune_forever(self) -> None:
+        """Prune finished jobs past the retention period, every `prune_every` of it."""
+        every = prune_every(self.quotas.job_retention_s)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.prune(time.time())
+            except Exception:  # a failed pass is retried at the next one
+                log.exception("pruning finished jobs failed")
+
+    async def prune(self, now: float) -> int:
+        """Delete the records of jobs that ended before `now - retention`, `PRUNE_BATCH` rows
+        per transaction, through the store's writer (the event loop never runs a DELETE), and
+        drop them from the recent cache. Queued and running jobs have no `finished_at`: they
+        are never pruned. Returns how many rows went."""
+        cutoff = now - self.quotas.job_retention_s
+        while self.recent:
+            oldest = next(iter(self.recent.values()))
+            if oldest.finished_at is None or oldest.finished_at >= cutoff:
+                break
+            self.recent.popitem(last=False)
+        deleted: list[int] = []  # each batch's count, appended in the writer's thread
+        while True:
+            await self.writer.submit(lambda conn: deleted.append(_prune_batch(conn, cutoff)))
+            if not deleted or deleted[-1] < PRUNE_BATCH:
+                return sum(deleted)
+            await asyncio.sleep(0.01)  # let the writes queued behind this batch go first
+
     def tally(self, workspace: str, app: str, fn: str) -> dict[str, int]:
         """Jobs of one function by state: live ones counted in memory, ended ones since ever."""
         counts = self.counts.get((workspace, app, fn), Counter())
@@ -295,6 +389,18 @@ class JobBook:
             "cancelled": counts["CANCELLED"],
             "timed_out": counts["TIMED_OUT"],
         }
+
+
+def _prune_batch(conn: Connection, cutoff: float) -> int:
+    """Delete up to PRUNE_BATCH ended jobs that finished before `cutoff` (the writer's thread)."""
+    j = tables.jobs.c
+    ids = (
+        select(j.id)
+        .where(j.finished_at.is_not(None), j.finished_at < cutoff, j.status.in_(_ENDED))
+        .limit(PRUNE_BATCH)
+    )
+    result = conn.execute(delete(tables.jobs).where(j.id.in_(ids.scalar_subquery())))
+    return int(result.rowcount or 0)
 
 
 def _row(job: Job) -> dict[str, Any]:

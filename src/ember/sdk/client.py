@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -11,13 +12,21 @@ from typing import Any
 import httpx
 
 from ember import config
-from ember.errors import ApiError, AuthError, InvalidInput, NotFound, ServerUnavailable
+from ember.errors import (
+    ApiError,
+    AuthError,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+    ServerUnavailable,
+)
 
 _ERRORS: dict[int, type[ApiError]] = {
     401: AuthError,
     403: AuthError,
     404: NotFound,
     422: InvalidInput,
+    429: RateLimited,
 }
 
 
@@ -30,7 +39,11 @@ def _raise_for(resp: httpx.Response) -> None:
         code, message = err["code"], err["message"]
     except Exception:
         pass
-    raise _ERRORS.get(resp.status_code, ApiError)(resp.status_code, code, message)
+    error = _ERRORS.get(resp.status_code, ApiError)(resp.status_code, code, message)
+    if isinstance(error, RateLimited):
+        with contextlib.suppress(ValueError):
+            error.retry_after = float(resp.headers.get("retry-after", ""))
+    raise error
 
 
 def _unavailable(url: str, exc: Exception) -> ServerUnavailable:

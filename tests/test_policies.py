@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Server, free_port, wait_for
+from conftest import UNSANDBOXED, Server, free_port, wait_for
 
 RATE = 0.01
 """USD per second of one worker under EXPENSIVE_CPU (1 core, memory free)."""
@@ -181,19 +181,21 @@ def webhook() -> Iterator[Webhook]:
 def test_policy_tags_stamp_jobs_and_usage_and_its_calls_get_workers_of_their_own(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server()
+    server = make_server(*UNSANDBOXED)  # its functions report pids
     server.deploy(WORK)
     tags = {"team": "search", "cost-center": "42"}
     created = create_policy(server, name="search", tags=tags)
     assert created["tags"] == tags and created["spent_usd"] == 0 and created["blocked"] is False
     token = create_token(server, "frontend", "search")
 
+    # a job's tags are its usage's: the app's, then the function's, then the policy's (winning)
+    stamped = {"team": "search", "env": "prod", "cost-center": "42"}
     body = ok(runsync(server, token, "work"))
-    assert body["status"] == "COMPLETED" and body["tags"] == tags
+    assert body["status"] == "COMPLETED" and body["tags"] == stamped
     job_id = run(server, token, "work")
-    assert wait_job(server, job_id)["tags"] == tags
+    assert wait_job(server, job_id)["tags"] == stamped
     plain = ok(runsync(server, server.token, "work"))
-    assert plain["status"] == "COMPLETED" and plain["tags"] == {}
+    assert plain["status"] == "COMPLETED" and plain["tags"] == {"team": "app-team", "env": "prod"}
 
     # the policy's calls ran on workers of their own, next to the ones of calls under no policy
     workers = server.workers()
@@ -229,7 +231,7 @@ def test_policy_tags_stamp_jobs_and_usage_and_its_calls_get_workers_of_their_own
 def test_block_refuses_new_calls_once_spent_lets_admitted_jobs_finish_and_stops_idle_workers(
     make_server: Callable[..., Server], tmp_path: Path
 ) -> None:
-    server = make_server("--prices", price_file(tmp_path))
+    server = make_server(*UNSANDBOXED, "--prices", price_file(tmp_path))  # gate files
     server.deploy(WORK)
     budget = 0.03  # three worker-seconds
     create_policy(server, name="capped", budget_usd=budget, period="day", action="block")
@@ -262,7 +264,7 @@ def test_block_refuses_new_calls_once_spent_lets_admitted_jobs_finish_and_stops_
 
     # a token under no policy is not blocked
     free = ok(runsync(server, other, "work"))
-    assert free["status"] == "COMPLETED" and free["tags"] == {}
+    assert free["status"] == "COMPLETED" and free["tags"] == {"team": "app-team", "env": "prod"}
     assert ok(runsync(server, server.token, "work"))["status"] == "COMPLETED"
 
     # the job admitted before the block was not cut off: it was still running at the block

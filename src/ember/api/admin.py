@@ -13,11 +13,12 @@ import stat
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ember.api import schemas
 from ember.api.auth import Principal, Scope, need_admin, need_deploy, need_read
 from ember.api.errors import ApiException
+from ember.api.responses import JSONResponse
 from ember.api.routes import _body, _time, audit, json_body, plane
 from ember.api.tenancy import _object
 from ember.config import TOKEN_FILE
@@ -246,6 +247,8 @@ async def doctor(request: Request, who: Principal = Depends(need_admin)) -> Resp
             functions=tuple(functions),
             workspaces=tuple(workspaces),
             budgeted_workspaces=budgeted,
+            unsandboxed_why=cp.unsandboxed_why,
+            tenant_isolation=settings.tenant_isolation,
         )
     )
     return JSONResponse({"findings": [f.to_dict() for f in findings]})

@@ -12,17 +12,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from ember.api import schemas
 from ember.api.auth import Principal, need_deploy, need_invoke, need_read
 from ember.api.errors import ApiException
+from ember.api.responses import JSONResponse, encode, encode_ascii
 from ember.control.errors import (
     BudgetBlocked,
     InputError,
     NotFoundError,
     PolicyDenied,
+    QueueFullError,
     UnplaceableError,
 )
 from ember.control.manifest import DeployError
@@ -54,11 +56,13 @@ _BAD_JSON: dict[str, Any] = {
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
 }
 _BUDGET: dict[int | str, dict[str, Any]] = {
-    402: {"model": schemas.ErrorBody, "description": "the token's policy is over budget"}
+    402: {"model": schemas.ErrorBody, "description": "the token's policy is over budget"},
+    429: {
+        "model": schemas.ErrorBody,
+        "description": "the workspace's queue is full (max_queued_jobs or max_queued_bytes); "
+        "retry after the Retry-After header's seconds",
+    },
 }
-
-
-_encode_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 class CallResponse(JSONResponse):
@@ -69,7 +73,7 @@ class CallResponse(JSONResponse):
     def __init__(self, content: Any, status_code: int = 200) -> None:
         self.status_code = status_code
         self.background = None
-        self.body = _encode_json(content).encode("utf-8")
+        self.body = encode(content)
         self.raw_headers = [
             (b"content-length", str(len(self.body)).encode("latin-1")),
             (b"content-type", b"application/json"),
@@ -169,8 +173,21 @@ def _submit(request: Request, who: Principal, app: str, fn: str, input: Any) -> 
         raise ApiException(422, "invalid_input", str(exc)) from None
     except UnplaceableError as exc:
         raise ApiException(422, "no_fitting_gpu", str(exc)) from None
+    except QueueFullError as exc:
+        raise _queue_full(exc) from None
     except RecursionError:
         raise ApiException(422, "invalid_input", "input is nested too deeply") from None
+
+
+def _queue_full(exc: QueueFullError) -> ApiException:
+    """429 with Retry-After while the workspace's queue is full; 413 for an input that alone is
+    larger than the bytes limit (waiting will not help)."""
+    full = exc.full
+    if full.never:
+        return ApiException(413, "payload_too_large", full.message, full.to_dict())
+    refused = ApiException(429, "queue_full", full.message, full.to_dict())
+    refused.headers = {"Retry-After": str(full.retry_after_s)}
+    return refused
 
 
 async def queue_job(request: Request, who: Principal, app: str, fn: str) -> Response:
@@ -267,7 +284,7 @@ async def cancel_job(
 
 
 def _event(name: str, data: Any) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    return b"event: " + name.encode() + b"\ndata: " + encode_ascii(data) + b"\n\n"
 
 
 @router.get(
@@ -358,10 +375,13 @@ async def logs(
     since: float = Query(0.0, ge=0),
     who: Principal = Depends(need_read),
 ) -> Response:
-    """Worker output of a function, each line with its job id."""
+    """Worker output of a function, each line with its job id; `fn` may name a class, for
+    every line of its workers (its methods' calls and its hooks' prints)."""
     cp = plane(request)
     try:
-        cp.lookup(who.workspace, app, fn)
+        state, _ = cp.lookup(who.workspace, app)
+        if not any(m.unit == fn for m in state.functions.values()):
+            cp.lookup(who.workspace, app, fn)
     except NotFoundError as exc:
         raise _not_found(exc) from None
     key = f"{who.workspace}/{app}"
@@ -398,7 +418,10 @@ def _time(value: str | None, name: str) -> float | None:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise ApiException(
-            422, "invalid_request", f"{name}={value!r} is neither epoch seconds nor ISO 8601"
+            422,
+            "invalid_request",
+            f"{name}={value!r} is neither epoch seconds nor ISO 8601: use e.g. 1717200000 or "
+            "2024-06-01T12:00:00Z (the CLI also takes 30s, 15m, 2h, 7d ago)",
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)

@@ -50,6 +50,12 @@ class JobBody(BaseModel):
     output: Any = None
     error: JobError | None = None
     timings: Timings | None = None
+    cost: dict[str, float] | None = Field(None, description="usd, gpu_seconds, cpu_seconds")
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="the tags its usage carries: the app's, the function's, then its policy's",
+    )
+    reason: str | None = Field(None, description="why a queued job still waits (no GPU free)")
     attempts: int = 0
     created_at: float
     finished_at: float | None = None
@@ -280,6 +286,10 @@ class AuditEvent(BaseModel):
     outcome: str
     detail: dict[str, Any] | None
     ip: str | None
+    count: int = 1
+    """Refusals without a valid token: how many this row counts (per source, reason, minute)."""
+    last_ts: float | None = None
+    """The last of the refusals this row counts (None on every other event)."""
 
 
 class AuditEvents(BaseModel):

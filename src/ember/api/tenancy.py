@@ -9,14 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ember.api import schemas
 from ember.api.auth import Principal, Scope, need_admin
 from ember.api.errors import ApiException
+from ember.api.responses import JSONResponse
 from ember.api.routes import _body, audit, json_body, plane
 from ember.control.errors import ConflictError, NotFoundError
-from ember.core.names import HANDLE_RE
+from ember.control.tokens import TokenRefused
+from ember.core.names import HANDLE_RE, HANDLE_RULE
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
 
@@ -28,7 +30,7 @@ def _name(value: Any, what: str) -> str:
         raise ApiException(
             422,
             "invalid_request",
-            f"{what} name {value!r} must be 1-64 characters of letters, digits, '_', '.', '-'",
+            f"{what} name {value!r} must be {HANDLE_RULE}",
         )
     return value
 
@@ -62,7 +64,10 @@ async def create_workspace(request: Request, who: Principal = Depends(need_admin
     body = _object(await json_body(request), {"name"}, '{"name": "search"}')
     name = _name(body.get("name"), "workspace")
     try:
-        token = await plane(request).tokens.create_workspace(name)
+        token = await plane(request).tokens.create_workspace(name, by=who)
+    except TokenRefused as exc:
+        audit(request, who, "workspace.create", "refused", name, {"reason": str(exc)[:300]})
+        raise ApiException(403, "forbidden", str(exc)) from None
     except ConflictError as exc:
         audit(request, who, "workspace.create", "conflict", name)
         raise ApiException(409, "conflict", str(exc)) from None
@@ -126,7 +131,10 @@ async def create_token(request: Request, who: Principal = Depends(need_admin)) -
         )
     ttl = _expires_in(body.get("expires_in"))
     try:
-        issued = await cp.tokens.create(who.workspace, name, scope, policy, ttl)
+        issued = await cp.tokens.create(who.workspace, name, scope, policy, ttl, by=who)
+    except TokenRefused as exc:
+        audit(request, who, "token.create", "refused", name, {"reason": str(exc)[:300]})
+        raise ApiException(403, "forbidden", str(exc)) from None
     except ConflictError as exc:
         raise ApiException(409, "conflict", str(exc)) from None
     audit(request, who, "token.create", "ok", name, {"scope": scope.label, "policy": policy})

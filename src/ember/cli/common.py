@@ -8,7 +8,10 @@ importing it back would load it twice.
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import typer
@@ -21,6 +24,12 @@ out = Console()
 err = Console(stderr=True)
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+TIME_FORMS = (
+    "use a time ago as 30s, 15m, 2h, 7d or 2w, epoch seconds, or an ISO 8601 date such as "
+    "2024-06-01 or 2024-06-01T12:00:00Z"
+)
+"""What `--since` and `--until` take, said in every refusal of one."""
+_AGO = re.compile(r"\d+(\.\d+)?[smhdw]", re.IGNORECASE)
 
 
 def api_client() -> Any:
@@ -68,13 +77,41 @@ def duration(value: str, option: str | None = None) -> float:
 
 def ago(value: str | None, option: str | None = None) -> str | None:
     """'7d', '12h', '30m' ago -> epoch seconds; epoch seconds or ISO 8601 go to the server as given
-    (the same forms as `ember usage --since`)."""
-    if not value:
+    (the same forms as `ember usage --since`). Anything else ('1y') is refused here, naming the
+    forms, rather than sent for the server to refuse."""
+    if not value or not value.strip():
         return None
     text = value.strip()
-    if text[-1:].lower() in UNITS and text[:-1].replace(".", "", 1).isdigit():
+    if _AGO.fullmatch(text):
         return str(time.time() - duration(text, option))
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(number):
+            return text
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a time: {TIME_FORMS}", param_hint=option
+        ) from None
     return text
+
+
+def epoch(value: str | None, option: str | None = None) -> float | None:
+    """`ago`'s forms as epoch seconds (an ISO time without a zone is UTC, as the server reads it)."""
+    text = ago(value, option)
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def when(value: Any) -> str:

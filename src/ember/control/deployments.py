@@ -20,6 +20,7 @@ from sqlalchemy import Connection, insert, select, update
 from ember.control.errors import NotFoundError, job_error
 from ember.control.manifest import DeployError, validate_manifest
 from ember.control.records import AppState, FunctionMeta, Job, Pool
+from ember.core.names import under
 from ember.core.placement import Gpu, Never, place
 from ember.core.spec import FunctionSpec
 from ember.store import tables
@@ -87,7 +88,7 @@ class Deployments:
         created_at: float,
         updated_at: float,
     ) -> AppState:
-        bundle = self.data_dir / "bundles" / workspace / name / f"v{version}" / filename
+        bundle = under(self.data_dir, "bundles", workspace, name, f"v{version}", filename)
         if not bundle.exists() or bundle.read_text() != source:
             bundle.parent.mkdir(parents=True, exist_ok=True)
             bundle.write_text(source)

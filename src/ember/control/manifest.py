@@ -6,6 +6,7 @@ SDK applied at decoration time (`ember.core.spec`).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -25,10 +26,32 @@ class DeployError(ValueError):
     """A deploy manifest that cannot be served (HTTP 422)."""
 
 
+def non_finite(value: Any) -> str | None:
+    """Where `value` holds a number JSON cannot carry (`1e400` parses to inf), as a path such as
+    `functions[0].params.schema.properties.x.default`, or None. Such a number, stored, would make
+    every answer that lists it fail to encode, so it is refused at the door. Iterative: a deeply
+    nested document cannot exhaust the stack here."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return path or "the body"
+        if isinstance(v, dict):
+            stack.extend((x, f"{path}.{k}" if path else str(k)) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]") for i, x in enumerate(v))
+    return None
+
+
 def validate_manifest(m: Any) -> dict[str, Any]:
     """Check a deploy manifest completely before anything is written."""
     if not isinstance(m, dict):
         raise DeployError("the deploy body must be a JSON object")
+    if (where := non_finite(m)) is not None:
+        raise DeployError(
+            f"{where} is not a finite number (JSON numbers such as 1e400 overflow to infinity): "
+            "use a number between -1.8e308 and 1.8e308"
+        )
     name, filename, source, fns = (
         m.get("name"),
         m.get("filename"),

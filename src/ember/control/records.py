@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 
 from ember.control.errors import InputError
 from ember.core.autoscaler import WorkerState, WorkerView
@@ -21,6 +21,15 @@ from ember.core.pricing import Resources
 from ember.core.spec import FunctionSpec
 from ember.core.timings import WorkerStart
 
+InputValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool)
+    ),
+)
+"""JSON Schema as Python sees a call: an `int` parameter takes 2, not 2.0 (which the standard
+counts as an integer, and which would reach the function as a float)."""
+
 
 @dataclass
 class FunctionMeta:
@@ -29,12 +38,12 @@ class FunctionMeta:
     kind: str
     params: dict[str, Any]
     spec: FunctionSpec
-    validator: Draft202012Validator = field(init=False, repr=False)
+    validator: Any = field(init=False, repr=False)
     empty_ok: bool = field(init=False, repr=False)
     """The schema accepts `{}`: a call without arguments needs no schema pass (a warm path)."""
 
     def __post_init__(self) -> None:
-        self.validator = Draft202012Validator(self.params.get("schema") or {})
+        self.validator = InputValidator(self.params.get("schema") or {})
         self.empty_ok = self.validator.is_valid({})
 
     def validate(self, input: Any) -> None:
@@ -91,7 +100,7 @@ class Job:
     """The usage policy of the token that submitted it: its pool, tags and budget."""
     token: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    """The policy's tags, stamped on the job (its worker's usage carries them too)."""
+    """The tags its usage carries: the app's, the function's and the policy's, as metered."""
     status: JobStatus = JobStatus.IN_QUEUE
     output: Any = None
     outputs: list[Any] = field(default_factory=list)

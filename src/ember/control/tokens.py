@@ -87,6 +87,54 @@ class Issued:
     created_at: float
 
 
+class TokenRefused(PermissionError):
+    """The calling token may not make this token or workspace (HTTP 403): it would outlive the
+    caller or escape the caller's usage policy."""
+
+
+def _at(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def refusal(by: Principal, policy: str | None, expires_at: float | None, now: float) -> str | None:
+    """Why the token `by` may not create a token with `policy` and `expires_at`, or None.
+
+    A token hands on no more than it holds: one that expires makes only tokens that expire no
+    later, and one bound to a usage policy makes only tokens bound to the same policy, so a
+    short-lived or budgeted token cannot mint itself a way out.
+    """
+    if by.policy is not None and policy != by.policy:
+        got = f"policy {policy!r}" if policy is not None else "no policy"
+        return (
+            f"this token is bound to usage policy {by.policy!r}, so every token it creates must "
+            f"be too (asked for {got}): pass policy {by.policy!r}"
+        )
+    if by.expires_at is not None and (expires_at is None or expires_at > by.expires_at):
+        left = max(0, int(by.expires_at - now))
+        asked = "never expires" if expires_at is None else f"expires at {_at(expires_at)}"
+        return (
+            f"this token expires at {_at(by.expires_at)}, so a token it creates must expire no "
+            f"later (this one {asked}): pass expires_in of at most {left} seconds"
+        )
+    return None
+
+
+def workspace_refusal(by: Principal) -> str | None:
+    """Why the token `by` may not create a workspace (whose admin token never expires and is
+    bound to no policy), or None."""
+    if by.policy is not None:
+        return (
+            f"this token is bound to usage policy {by.policy!r}; a new workspace's admin token "
+            "would not be: create workspaces with a token bound to no policy"
+        )
+    if by.expires_at is not None:
+        return (
+            f"this token expires at {_at(by.expires_at)}; a new workspace's admin token never "
+            "expires: create workspaces with a token that does not expire"
+        )
+    return None
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -166,8 +214,11 @@ class TokenBook:
         return sorted(p.token for p in self.live(workspace) if p.policy == policy)
 
     # ------------------------------------------------------------------------- workspaces
-    async def create_workspace(self, name: str) -> str:
-        """A new workspace and its first admin token, in one transaction; returns the token."""
+    async def create_workspace(self, name: str, by: Principal | None = None) -> str:
+        """A new workspace and its first admin token, in one transaction; returns the token.
+        TokenRefused if `by` (the caller) expires or is bound to a policy (`workspace_refusal`)."""
+        if by is not None and (why := workspace_refusal(by)) is not None:
+            raise TokenRefused(why)
         w = tables.workspaces.c
 
         def exists() -> bool:
@@ -211,14 +262,18 @@ class TokenBook:
         scope: Scope,
         policy: str | None = None,
         ttl: float | None = None,
+        by: Principal | None = None,
     ) -> Issued:
-        """A new token of the workspace; ConflictError if a live one has the name."""
+        """A new token of the workspace; ConflictError if a live one has the name, TokenRefused
+        if it would outlive `by` (the caller) or drop its policy (`refusal`)."""
+        token, now = new_token(), time.time()
+        expires_at = now + ttl if ttl is not None else None
+        if by is not None and (why := refusal(by, policy, expires_at, now)) is not None:
+            raise TokenRefused(why)
         if any(p.token == name for p in self.live(workspace)):
             raise ConflictError(
                 f"a live token named {name!r} exists; revoke it first or pick another"
             )
-        token, now = new_token(), time.time()
-        expires_at = now + ttl if ttl is not None else None
         digest = token_hash(token)
         row = {
             "name": name,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from ember.errors import InvalidInput
 from ember.sdk.job import Job, outcome, sync_client
 from ember.sdk.signature import bind, describe
 
@@ -14,6 +17,49 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+NOT_JSON = (TypeError, ValueError, RecursionError)
+"""What encoding a request body raises for an argument JSON cannot carry."""
+_HINTS = {
+    "bytes": "decode it to str, or base64-encode it",
+    "bytearray": "decode it to str, or base64-encode it",
+    "memoryview": "decode it to str, or base64-encode it",
+    "set": "pass a list",
+    "frozenset": "pass a list",
+    "tuple": "pass a list",
+    "complex": "pass its real and imaginary parts",
+}
+
+
+def not_json(fn: str, input: dict[str, Any]) -> InvalidInput | None:
+    """The error naming the first argument of `input` that JSON cannot carry, or None.
+
+    Asked only once encoding the request has failed: a call that encodes pays nothing for it."""
+    for name, value in input.items():
+        try:
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except NOT_JSON as exc:
+            kind = type(value).__name__
+            if isinstance(exc, RecursionError):
+                why = "it is nested too deeply for JSON"
+            elif isinstance(value, float) and not math.isfinite(value):
+                why = f"{value} is not a JSON number"
+            elif isinstance(exc, UnicodeError):
+                why = "it holds a lone surrogate, which is not UTF-8 text"
+            else:
+                why = f"JSON cannot carry it ({exc})"
+            hint = _HINTS.get(kind, "pass JSON values: dict, list, str, int, float, bool or None")
+            return InvalidInput.before_sending(
+                f"argument {name!r} of {fn}() is a {kind}: {why}; {hint}"
+            )
+    return None
+
+
+def _refuse(fn: str, input: dict[str, Any]) -> None:
+    """Raise `not_json`'s error if an argument is the reason the request could not be encoded."""
+    error = not_json(fn, input)
+    if error is not None:
+        raise error from None
 
 
 class _Invoker(Generic[P, R]):
@@ -102,25 +148,45 @@ class Function:
     # remote
     def _remote(self, *args: Any, **kwargs: Any) -> Any:
         """Call remotely and return the output (a list of yielded values for generators)."""
-        body = self.client.runsync(self.app_name, self.name, self._input(args, kwargs))
+        input = self._input(args, kwargs)
+        try:
+            body = self.client.runsync(self.app_name, self.name, input)
+        except NOT_JSON:
+            _refuse(self.name, input)
+            raise
         if body["status"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"):
             return Job(body["id"], client=self._client).result()
         return outcome(body)
 
     async def _remote_aio(self, *args: Any, **kwargs: Any) -> Any:
         http = _aclient(self._client)
-        body = await http.runsync(self.app_name, self.name, self._input(args, kwargs))
+        input = self._input(args, kwargs)
+        try:
+            body = await http.runsync(self.app_name, self.name, input)
+        except NOT_JSON:
+            _refuse(self.name, input)
+            raise
         if body["status"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"):
             return await Job(body["id"]).result_aio(client=http)
         return outcome(body)
 
     def _spawn(self, *args: Any, **kwargs: Any) -> Job:
         """Queue a call and return its Job at once; the job is durable on the server."""
-        body = self.client.run(self.app_name, self.name, self._input(args, kwargs))
+        input = self._input(args, kwargs)
+        try:
+            body = self.client.run(self.app_name, self.name, input)
+        except NOT_JSON:
+            _refuse(self.name, input)
+            raise
         return Job(body["id"], client=self._client)
 
     async def _spawn_aio(self, *args: Any, **kwargs: Any) -> Job:
-        body = await _aclient(self._client).run(self.app_name, self.name, self._input(args, kwargs))
+        input = self._input(args, kwargs)
+        try:
+            body = await _aclient(self._client).run(self.app_name, self.name, input)
+        except NOT_JSON:
+            _refuse(self.name, input)
+            raise
         return Job(body["id"], client=self._client)
 
     def map(self, *iterables: Iterable[Any], return_exceptions: bool = False) -> Iterator[Any]:

@@ -13,11 +13,20 @@ all named `fuzzed`), so that the success answers of those operations are checked
 
 Nothing is excluded: the job stream (server-sent events) is fuzzed as well, its 200 answer is
 checked for its content type only (an event stream has no JSON Schema), its 404 like any other.
+
+The cases sent are counted (all, those the schema forbids, those answered 4xx) and the count is
+printed at the end of the module; `EMBER_FUZZ_EXAMPLES` (default 20) sets the examples per
+operation and pass, and `EMBER_FUZZ_REPORT` names a file to write the count to as JSON
+(`bench/durability.py` runs this module longer, that way).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -54,6 +63,41 @@ SEMANTIC = {
 """Operations whose input the server checks for meaning beyond what a JSON Schema can say, so
 that some schema-valid requests get a deliberate 422: `positive_data_acceptance` is off for
 them (and on for every other operation). All other checks stay on everywhere."""
+
+
+TRIED: Counter[str] = Counter()
+"""Cases sent in this module: `cases`, `negative` (input the schema forbids), `refused_4xx`."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _count_cases(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Say, once the module is done, how many cases were sent and how many were bad input."""
+    TRIED.clear()
+    yield
+    counts = {k: TRIED[k] for k in ("cases", "negative", "refused_4xx")}
+    if report := os.environ.get("EMBER_FUZZ_REPORT"):
+        Path(report).write_text(json.dumps(counts))
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is not None and counts["cases"]:
+        with capture.global_and_fixture_disabled():
+            print(
+                f"\nopenapi fuzz: {counts['cases']} requests sent, {counts['negative']} of them "
+                f"with input the schema forbids, {counts['refused_4xx']} answered 4xx, none 5xx"
+            )
+
+
+def call(case: schemathesis.Case) -> None:
+    """Send one case and check its answer, counting it."""
+    TRIED["cases"] += 1
+    meta = case.meta
+    if meta is not None and (
+        meta.generation.mode.is_negative
+        or any(c.mode.is_negative for c in meta.components.values())
+    ):
+        TRIED["negative"] += 1
+    response = case.call_and_validate(excluded_checks=excluded(case))
+    if 400 <= response.status_code < 500:
+        TRIED["refused_4xx"] += 1
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +163,15 @@ def test_a_token_policy_that_is_not_a_string_is_refused(live: Server) -> None:
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
-BOUNDED = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+EXAMPLES = int(os.environ.get("EMBER_FUZZ_EXAMPLES", "20"))
+BOUNDED = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @schema.parametrize()
 @BOUNDED
 def test_the_api_answers_as_documented(case: schemathesis.Case) -> None:
     spare_the_operator(case)
-    case.call_and_validate(excluded_checks=excluded(case))
+    call(case)
 
 
 @pytest.fixture(scope="module")
@@ -151,4 +196,4 @@ def test_the_api_answers_as_documented_about_objects_that_exist(
     unknown = set(case.path_parameters or {}) - set(pinned)
     assert not unknown, f"{case.operation.label}: pin {unknown} to an object in `pinned`"
     case.path_parameters = {k: pinned[k] for k in case.path_parameters or {}}
-    case.call_and_validate(excluded_checks=excluded(case))
+    call(case)

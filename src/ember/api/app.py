@@ -36,7 +36,7 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     # Inputs, outputs and deployed code live here: readable by the server's user alone.
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.data_dir.chmod(0o700)
-    engine = make_engine(db_url or sqlite_url(settings.data_dir))
+    engine = make_engine(db_url or sqlite_url(settings.data_dir), settings.durability)
     migrate(engine)
     for name in ("ember.db", "ember.db-wal", "ember.db-shm"):  # the umask may have been loose
         if (settings.data_dir / name).exists():

@@ -16,7 +16,14 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'ember.db'}"
 
 
-def make_engine(url: str) -> Engine:
+DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+"""`ember server --durability`: SQLite's `synchronous` setting (docs/reliability.md)."""
+
+
+def make_engine(url: str, durability: str = "normal") -> Engine:
+    """`durability`: "normal" survives a process kill; "full" also an OS crash or power loss,
+    at the price of an fsync of the WAL per commit (one per batch of writes)."""
+    synchronous = DURABILITY[durability]
     engine = (
         create_engine(url, pool_size=8, max_overflow=8)
         if url.startswith("sqlite")
@@ -28,9 +35,10 @@ def make_engine(url: str) -> Engine:
         def _pragmas(conn: Any, _record: Any) -> None:
             cur = conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives the process being killed; only power loss
-            # can take the last transactions, which is the trade every embedded default makes.
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # NORMAL in WAL mode: a commit survives the process being killed; an OS crash or
+            # power loss can take the commits since the WAL was last synced. FULL syncs the WAL
+            # at every commit, so those survive too.
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=10000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()

@@ -16,9 +16,30 @@ import httpx
 import pytest
 
 import ember
+from ember.backends.sandbox import probe
 from ember.testing import LocalServer, WorkersOutlived, free_port, pid_alive, wait_for, worker_pids
 
-__all__ = ["Server", "free_port", "pid_alive", "result", "spawn", "wait_for", "worker_pids"]
+__all__ = [
+    "UNSANDBOXED",
+    "Server",
+    "free_port",
+    "pid_alive",
+    "result",
+    "spawn",
+    "wait_for",
+    "worker_pids",
+]
+
+
+NO_SANDBOX = probe() is not None
+"""No worker sandbox on this machine (bubblewrap missing): tests/test_sandbox.py skips, and the
+other tests' servers run every workspace's code unsandboxed."""
+
+
+UNSANDBOXED = ("--sandbox", "off")
+"""For tests whose functions signal the test through files under its tmp_path, or report pids to
+compare with the server's view: a sandboxed worker sees neither the host's files nor its pids.
+Isolation itself is tested in tests/test_sandbox.py."""
 
 
 class Server(LocalServer):
@@ -70,7 +91,10 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def make(*extra_args: str, data_dir: Path | None = None) -> Server:
-        server = Server(data_dir or tmp_path / f"data{len(servers)}", list(extra_args))
+        args = list(extra_args)
+        if NO_SANDBOX and "--sandbox" not in args:  # workspaces' code still runs, unisolated
+            args.append("--no-tenant-isolation")
+        server = Server(data_dir or tmp_path / f"data{len(servers)}", args)
         servers.append(server)
         return server.start()
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Server, pid_alive, wait_for
+from conftest import UNSANDBOXED, Server, pid_alive, wait_for
 
 TERMS = ("queue_ms", "cold_start_ms", "load_ms", "exec_ms", "post_ms")
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
@@ -190,7 +191,8 @@ class Broken:
 
 
 @pytest.fixture
-def app(server: Server) -> Server:
+def app(make_server: Callable[..., Server]) -> Server:
+    server = make_server(*UNSANDBOXED)  # its functions signal through files, report their pids
     server.deploy(SOURCE)
     return server
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, free_port, pid_alive, result, spawn, wait_for
+from conftest import UNSANDBOXED, Server, free_port, pid_alive, result, spawn, wait_for
 
 GPUS = "L4:2,H100:1"
 L4_MIB, H100_MIB = 24 * 1024, 80 * 1024
@@ -62,7 +62,7 @@ def test_nodes_list_simulated_gpus_and_workers_see_only_their_own(
     # whatever the server's own environment says, a worker sees only its own GPUs
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     monkeypatch.setenv("EMBER_GPU_INDEXES", "0,1,2")
-    server = make_server("--gpus", GPUS)
+    server = make_server(*UNSANDBOXED, "--gpus", GPUS)
     assert "(simulated)" in server.log() and "H100 80 GiB" in server.log()
     [node] = nodes(server)
     assert node["backend"] == "local"
@@ -227,7 +227,7 @@ def check_load(
 def test_whole_gpus_bound_workers_below_max_workers_and_queued_jobs_say_why(
     make_server: Callable[..., Server], tmp_path: Path
 ) -> None:
-    server = make_server("--gpus", GPUS)
+    server = make_server(*UNSANDBOXED, "--gpus", GPUS)
     server.deploy(GATED)
     check_load(server, tmp_path, "whole", per_gpu=1, memory_mib=None)
 
@@ -235,7 +235,7 @@ def test_whole_gpus_bound_workers_below_max_workers_and_queued_jobs_say_why(
 def test_gpu_memory_packs_three_workers_per_l4_and_never_more(
     make_server: Callable[..., Server], tmp_path: Path
 ) -> None:
-    server = make_server("--gpus", GPUS)
+    server = make_server(*UNSANDBOXED, "--gpus", GPUS)
     server.deploy(GATED)
     check_load(server, tmp_path, "packed", per_gpu=3, memory_mib=8192)
 
@@ -263,7 +263,7 @@ def hog() -> dict:
 def test_fallback_order_and_a_gpu_freed_by_an_idle_worker_runs_the_waiting_job(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server("--gpus", GPUS)
+    server = make_server(*UNSANDBOXED, "--gpus", GPUS)
     server.deploy(SHARED)
     first = server.client.runsync("shared", "flex", {})["output"]
     assert first["type"] == "H100" and first["gpu"] == "2", "the first choice when it is free"
@@ -314,7 +314,7 @@ def fine() -> int:
 def test_a_gpu_no_machine_here_has_is_refused_at_once_naming_what_exists(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server("--gpus", GPUS)
+    server = make_server(*UNSANDBOXED, "--gpus", GPUS)
     server.deploy(UNFIT)
     cases = [("a10g", "A10G"), ("huge", "30 GiB"), ("pair", "H100:2")]
     for (fn, asked), route in itertools.product(cases, ("run", "runsync")):

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from conftest import Server, result, spawn, wait_for, worker_pids
+from conftest import UNSANDBOXED, Server, result, spawn, wait_for, worker_pids
 from ember.sdk.deploy import load_apps, manifest
 
 VALUE = "hf_e2eS3cretVALUE_7f3a9c2b41"
@@ -165,7 +165,7 @@ def test_only_the_functions_that_name_a_secret_see_it(
     units = {env.get("EMBER_UNIT") for env in envs}
     assert {"uses", "plain"} <= units, units
     if not args:  # templates on: each function version has one, started at deploy
-        templates = {env["EMBER_UNIT"] for env in envs if "EMBER_TEMPLATE_LOG" in env}
+        templates = {env["EMBER_UNIT"] for env in envs if "EMBER_TEMPLATE" in env}
         assert {"uses", "plain"} <= templates, templates
     for env in envs:
         assert "PGPASSWORD" not in env and OTHER not in env.values()  # named by nobody
@@ -316,7 +316,7 @@ def test_a_master_key_from_the_environment_makes_no_file_and_never_reaches_worke
 def test_workers_started_after_an_update_see_the_new_value(
     make_server: Callable[..., Server], args: tuple[str, ...], tmp_path: Path
 ) -> None:
-    server = make_server(*args)
+    server = make_server(*args, *UNSANDBOXED)  # a release file; pids compared
     put_secret(server, "hf", {"HF_TOKEN": VALUE})
     server.deploy(SOURCE)
     before = call(server, "slow")["output"]
@@ -347,7 +347,7 @@ def test_an_update_reaches_a_function_once_its_old_worker_is_gone(
 ) -> None:
     """With templates, the update must restart the template too: a worker forked later from
     the old one would carry the old value."""
-    server = make_server()
+    server = make_server(*UNSANDBOXED)  # pids compared
     put_secret(server, "hf", {"HF_TOKEN": VALUE})
     server.deploy(
         SOURCE.replace(

@@ -22,7 +22,7 @@ from ember.core.secrets import (
     too_short,
     validate_secret,
 )
-from ember.worker.runtime import error_body, output_json, redactor_from_env
+from ember.worker.output import error_body, output_json, redactor_from_env
 
 TOKEN = "hf_s3cr3tTOKENvalue"
 
@@ -341,3 +341,10 @@ def test_an_existing_key_file_is_never_overwritten(tmp_path: Path) -> None:
     vault = Vault.load(tmp_path, environ={})
     assert (tmp_path / "master.key").read_bytes() == key
     assert Fernet(key).decrypt(vault.encrypt({"K": "v"}).encode()) == b'{"K":"v"}'
+
+
+def test_a_secret_that_is_a_number_is_redacted_from_outputs() -> None:
+    redact = Redactor(["424242"])
+    out = redact.json({"pin": 424242, "n": [1, 3.5, 424242.0], "other": 42, "flag": True})
+    assert out == {"pin": "[secret]", "n": [1, 3.5, "[secret].0"], "other": 42, "flag": True}
+    assert "424242" not in output_json({"account": 9424242}, redact).decode()

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Server, pid_alive, wait_for, worker_pids
+from conftest import UNSANDBOXED, Server, pid_alive, wait_for, worker_pids
 
 SOURCE = """
 import os
@@ -43,7 +43,7 @@ class Model:
 def test_workers_fork_from_a_template_that_ran_the_snap_hooks_once(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server("--gpus", "L4:2")
+    server = make_server(*UNSANDBOXED, "--gpus", "L4:2")
     server.deploy(SOURCE.replace("max_workers=2,", 'max_workers=2, gpu="L4",'))
     info = server.function("tpl", "Model.info")
     jobs = [info.spawn(delay=1.0), info.spawn(delay=1.0)]
@@ -62,7 +62,7 @@ def test_workers_fork_from_a_template_that_ran_the_snap_hooks_once(
 
 
 def test_without_templates_workers_are_plain_processes(make_server: Callable[..., Server]) -> None:
-    server = make_server("--no-templates")
+    server = make_server(*UNSANDBOXED, "--no-templates")
     server.deploy(SOURCE)
     out = server.function("tpl", "Model.info").remote()
     assert out["loaded_in"] == out["pid"] == out["worker_pid"]
@@ -72,14 +72,14 @@ def test_without_templates_workers_are_plain_processes(make_server: Callable[...
 def test_a_template_that_fails_falls_back_to_plain_workers(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server()
+    server = make_server(*UNSANDBOXED)
     # the snap hook fails only in a template (it has no CUDA_VISIBLE_DEVICES of its own choosing
     # and the marker below), so plain workers still serve with the same behaviour
     server.deploy(
         SOURCE.replace(
             "self.loaded_in = os.getpid()",
             "self.loaded_in = os.getpid()\n"
-            "        if os.environ.get('EMBER_TEMPLATE_LOG'):\n"
+            "        if os.environ.get('EMBER_TEMPLATE'):\n"
             "            raise RuntimeError('no template for me')",
         )
     )
@@ -94,7 +94,7 @@ def test_a_template_that_fails_falls_back_to_plain_workers(
 def test_redeploy_retires_the_template_after_its_workers_drain(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server()
+    server = make_server(*UNSANDBOXED)
     server.deploy(SOURCE)
     old = server.function("tpl", "Model.info").remote()
     template = old["ppid"]
@@ -109,7 +109,7 @@ def test_redeploy_retires_the_template_after_its_workers_drain(
 def test_a_killed_server_leaves_no_template_or_fork_behind(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server()
+    server = make_server(*UNSANDBOXED)
     server.deploy(SOURCE)
     out = server.function("tpl", "Model.info").remote()
     assert pid_alive(out["ppid"])

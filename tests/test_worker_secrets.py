@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -242,34 +244,64 @@ def template_env(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
         "EMBER_BUNDLE": str(tmp_path / "sec_app.py"),
         "EMBER_APP": "sec",
         "EMBER_UNIT": "leak",
-        "EMBER_TEMPLATE_LOG": str(tmp_path / "template.log"),
+        "EMBER_TEMPLATE": "1",
         "EMBER_SERVER_PID": str(os.getpid()),
         "PYTHONUNBUFFERED": "1",
         **extra,
     }
 
 
-def test_a_template_that_fails_reports_and_logs_no_secret(tmp_path: Path) -> None:
-    async def main() -> dict[str, Any]:
+async def start_template(tmp_path: Path, extra: dict[str, str]) -> Template:
+    """A template process as the server starts one: fork requests on a Unix socket as its
+    stdin, its messages on stdout, its raw log as stderr."""
+    ours, theirs = socket.socketpair()
+    with open(tmp_path / "template.log", "ab") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "ember.worker.template",
-            stdin=asyncio.subprocess.PIPE,
+            stdin=theirs.fileno(),
             stdout=asyncio.subprocess.PIPE,
-            env=template_env(tmp_path, {**secret_env(), "FAIL_AT_IMPORT": "1"}),
+            stderr=log,
+            env=template_env(tmp_path, extra),
             cwd=tmp_path,
         )
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        await asyncio.wait_for(proc.wait(), 30)
-        return dict(json.loads(line))
+    theirs.close()
+    return Template(proc, ours)
 
-    msg = asyncio.run(main())
+
+@dataclass
+class Template:
+    proc: asyncio.subprocess.Process
+    requests: socket.socket
+
+    async def message(self, kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The next message of `kind`, and the `log` messages before it."""
+        assert self.proc.stdout is not None
+        logs = []
+        while True:
+            msg = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 30))
+            if msg["t"] == kind:
+                return msg, logs
+            assert msg["t"] == "log", msg
+            logs.append(msg)
+
+
+def test_a_template_that_fails_reports_and_logs_no_secret(tmp_path: Path) -> None:
+    async def main() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        template = await start_template(tmp_path, {**secret_env(), "FAIL_AT_IMPORT": "1"})
+        got = await template.message("failed")
+        await asyncio.wait_for(template.proc.wait(), 30)
+        return got
+
+    msg, logs = asyncio.run(main())
     assert msg == {"t": "failed", "error": "RuntimeError: cannot log in with '[secret]'"}
     log = (tmp_path / "template.log").read_text()
     assert "RuntimeError: cannot log in with '[secret]'" in log
     assert TOKEN not in log
+    served = [line[2] for m in logs for line in m["lines"]]  # what `ember logs` shows
+    assert "RuntimeError: cannot log in with '[secret]'" in served
+    assert TOKEN not in json.dumps(logs)
 
 
 def test_a_worker_forked_from_a_template_redacts_too(tmp_path: Path) -> None:
@@ -278,30 +310,23 @@ def test_a_worker_forked_from_a_template_redacts_too(tmp_path: Path) -> None:
     async def main() -> list[dict[str, Any]]:
         control = Control()
         address = await control.start()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ember.worker.template",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=template_env(tmp_path, secret_env()),
-            cwd=tmp_path,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
+        template = await start_template(tmp_path, secret_env())
+        proc = template.proc
         try:
-            ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
-            assert ready["t"] == "ready", ready
+            await template.message("ready")
             env = worker_env(tmp_path, address, "leak")
-            request = {"worker": "w-leak", "env": env, "log": str(tmp_path / "fork.log")}
-            proc.stdin.write(json.dumps(request).encode() + b"\n")
-            forked = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
-            assert forked["t"] == "forked", forked
+            secret = env.pop("EMBER_WORKER_SECRET")
+            request = {"worker": "w-leak", "secret": secret, "env": env}
+            fd = os.open(tmp_path / "fork.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            socket.send_fds(template.requests, [json.dumps(request).encode() + b"\n"], [fd])
+            os.close(fd)
+            forked, _ = await template.message("forked")
             reader, writer = await control.accept()
             msgs = await run_jobs(reader, writer, "leak", ["return", "raise"])
             await stop_fork(forked["pid"], writer)
             return msgs
         finally:
-            proc.stdin.close()
+            template.requests.close()  # the server is gone: the template exits
             await asyncio.wait_for(proc.wait(), 30)
 
     msgs = asyncio.run(main())

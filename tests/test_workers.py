@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import conftest
-from conftest import Server, pid_alive, spawn, wait_for
+from conftest import UNSANDBOXED, Server, pid_alive, spawn, wait_for
 
 TERMS = ("queue_ms", "cold_start_ms", "load_ms", "exec_ms", "post_ms")
 
@@ -63,6 +66,12 @@ async def napping(delay: float) -> dict:
 def pid() -> int:
     return os.getpid()
 """
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Server]) -> Server:
+    """Its functions report pids and write files the tests read: no sandbox."""
+    return make_server(*UNSANDBOXED)
 
 
 def test_each_worker_is_its_own_process(server: Server) -> None:

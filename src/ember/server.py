@@ -8,11 +8,13 @@ from pathlib import Path
 
 import uvicorn
 
+from ember.api import connections
 from ember.api.app import create_app
 from ember.config import TOKEN_FILE
 from ember.control.settings import Settings
 from ember.core.placement import GIB, Gpu, parse_declared
 from ember.core.pricing import PriceError, PriceTable, parse_prices
+from ember.core.quotas import Quotas
 
 
 class ServerConfigError(ValueError):
@@ -72,6 +74,31 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
+def describe_sandbox(mode: str, tenant_isolation: bool) -> str:
+    """What user code can reach on this server, in a line; ServerConfigError if `--sandbox
+    bwrap` cannot be had."""
+    from ember.backends.sandbox import SANDBOX_MODES, find_bwrap, probe
+
+    if mode not in SANDBOX_MODES:
+        raise ServerConfigError(
+            f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {mode!r}"
+        )
+    reason = "--sandbox off" if mode == "off" else probe(find_bwrap())
+    if reason is None:
+        return "sandbox: bubblewrap (workers see their bundle, /tmp and their own processes only)"
+    if mode == "bwrap":
+        raise ServerConfigError(f"--sandbox bwrap: {reason}")
+    if tenant_isolation:
+        return (
+            f"sandbox: none ({reason}); only the 'default' workspace's code runs "
+            "(--no-tenant-isolation runs every workspace's, able to read the data dir)"
+        )
+    return (
+        f"sandbox: none ({reason}); --no-tenant-isolation: every workspace's code runs as the "
+        "server's user and can read the data dir, the token and master.key"
+    )
+
+
 def serve(
     *,
     host: str,
@@ -85,6 +112,12 @@ def serve(
     templates: bool = True,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    sandbox: str = "auto",
+    tenant_isolation: bool = True,
+    durability: str = "normal",
+    quotas: Quotas | None = None,
+    max_connections: int | None = None,
+    header_timeout: float = connections.HEADER_TIMEOUT,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -94,6 +127,12 @@ def serve(
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             raise ServerConfigError(f"cannot read {path}: no such file")
+    try:
+        limits = connections.limits(max_connections, header_timeout)
+    except ValueError as exc:
+        raise ServerConfigError(str(exc)) from None
+    # TLS is done by the connection guard, so that a handshake counts against its deadline and cap
+    tls = connections.tls_context(str(tls_cert), str(tls_key)) if tls_cert and tls_key else None
     settings = Settings(
         data_dir=data_dir,
         inventory=inventory(gpus),
@@ -101,7 +140,12 @@ def serve(
         templates=templates,
         host=host,
         tls=tls_cert is not None,
+        durability=durability,
+        quotas=quotas or Quotas(),
+        sandbox=sandbox,
+        tenant_isolation=tenant_isolation,
     )
+    isolation = describe_sandbox(sandbox, tenant_isolation)
     app = create_app(settings, max_payload=max_payload, db_url=db_url)
     config = uvicorn.Config(
         app,
@@ -111,8 +155,8 @@ def serve(
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
+        http=connections.http_protocol(limits, tls),
+        timeout_keep_alive=limits.keep_alive,
     )
     server = uvicorn.Server(config)
     print(
@@ -121,9 +165,16 @@ def serve(
     )
     for line in describe(settings.inventory, settings.prices):
         print(line, flush=True)
+    print(limits.describe(), flush=True)
     print(
         f"billing: per {'second, rounded up per worker' if settings.prices.billing == 'second' else 'millisecond'}",
         flush=True,
     )
+    survives = (
+        "a server kill" if durability == "normal" else "a server kill, an OS crash, power loss"
+    )
+    print(f"durability: {durability} (an accepted job survives {survives})", flush=True)
+    print(settings.quotas.describe(), flush=True)
+    print(isolation, flush=True)
     tune_gc()
     server.run()

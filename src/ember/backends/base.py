@@ -9,9 +9,10 @@ placement over `inventory`; the backend only makes the worker see them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ember.core.placement import Gpu
 
@@ -31,6 +32,9 @@ class Launch:
     gpu_memory_mib: int | None = None
     env: dict[str, str] = field(default_factory=dict, repr=False)
     """The function's secrets (and EMBER_SECRET_KEYS naming them)."""
+    workspace: str = "default"
+    block_network: bool = False
+    """No network at all, not even the machine's loopback (`@app.function(block_network=True)`)."""
 
 
 class WorkerProcess(Protocol):
@@ -55,9 +59,18 @@ class Backend(Protocol):
     """The GPUs workers may be placed on, discovered or declared."""
 
     async def prepare(
-        self, bundle: Path, app: str, unit: str, secrets: dict[str, str] | None = None
+        self,
+        bundle: Path,
+        app: str,
+        unit: str,
+        secrets: dict[str, str] | None = None,
+        *,
+        workspace: str = "default",
+        block_network: bool = False,
+        on_log: Callable[[list[list[Any]]], None] | None = None,
     ) -> None:
-        """Get ready to start workers of a function version fast (a template, an image)."""
+        """Get ready to start workers of a function version fast (a template, an image);
+        `on_log` takes what the user's code printed while it was being made ready."""
 
     def retire(self, bundle: Path, unit: str) -> None:
         """That version starts no more workers; its running ones are stopped by the plane."""

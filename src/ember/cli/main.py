@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from ember import config
 from ember.cli import admin
-from ember.cli.common import ago, api_client, err, fail, out, print_json, request
+from ember.cli.common import ago, api_client, epoch, err, fail, out, print_json, request
 from ember.errors import EmberError
 
 app = typer.Typer(
@@ -30,6 +31,13 @@ app = typer.Typer(
 )
 
 
+class Durability(StrEnum):
+    """`ember server --durability`: SQLite's `synchronous` setting for the store."""
+
+    normal = "normal"
+    full = "full"
+
+
 def _split(target: str) -> tuple[str, str]:
     app_name, sep, fn = target.partition("/")
     if not sep or not app_name or not fn:
@@ -37,6 +45,41 @@ def _split(target: str) -> tuple[str, str]:
             f"{target!r} is not APP/FUNCTION (e.g. demo/square or demo/Embedder.embed)"
         )
     return app_name, fn
+
+
+def version() -> str:
+    """The installed package's version (its metadata), or the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("ember")
+    except PackageNotFoundError:
+        from ember import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"ember {version()}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_print_version,
+            is_eager=True,
+            help="Print ember's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Options of `ember` itself, before any command."""
 
 
 @app.command()
@@ -78,13 +121,75 @@ def server(
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    sandbox: Annotated[
+        str,
+        typer.Option(
+            help="run user code in bubblewrap sandboxes that see only their own bundle, /tmp and "
+            "processes: auto (where bubblewrap works), bwrap (refuse to start without it), or off "
+            "(docs/security.md)"
+        ),
+    ] = os.environ.get("EMBER_SANDBOX", "auto"),
+    tenant_isolation: Annotated[
+        bool,
+        typer.Option(
+            help="without a sandbox, run the code of the 'default' workspace only; "
+            "--no-tenant-isolation runs every workspace's code unsandboxed, as the server's user, "
+            "able to read the data dir (token, master.key, database) and other workers"
+        ),
+    ] = True,
+    durability: Annotated[
+        Durability,
+        typer.Option(
+            help="normal: an accepted job survives a kill of the server; full: also an OS crash "
+            "or power loss, at an fsync per commit (docs/reliability.md)"
+        ),
+    ] = Durability.normal,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            help="most HTTP connections open at once; a newcomer past it closes those idle "
+            "longest [default: 0, derived from the fd soft limit (ulimit -n)]"
+        ),
+    ] = int(os.environ.get("EMBER_MAX_CONNECTIONS", "0")),
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            help="seconds a connection has to send a complete request head, or it is closed"
+        ),
+    ] = float(os.environ.get("EMBER_HEADER_TIMEOUT", "10")),
+    max_queued_jobs: Annotated[
+        int, typer.Option(help="jobs a workspace may have queued; past it calls get 429")
+    ] = 10_000,
+    max_queued_bytes: Annotated[
+        str, typer.Option(help="queued inputs a workspace may hold, e.g. 1GiB; past it 429")
+    ] = "1GiB",
+    job_retention: Annotated[
+        str, typer.Option(help="how long finished jobs are kept, e.g. 7d, 12h or seconds")
+    ] = "7d",
+    max_job_log: Annotated[
+        str, typer.Option(help="printed output kept per job; the rest dropped, with a marker")
+    ] = "1MiB",
+    max_app_log: Annotated[
+        str, typer.Option(help="size of an app's log file; rotated, one previous file kept")
+    ] = "64MiB",
 ) -> None:
     """Run ember on this machine: the API, SQLite in the data dir, and local worker processes.
 
     Stop it with Ctrl-C or SIGTERM: every worker it started is stopped too.
     """
+    from ember.core.quotas import from_flags
     from ember.server import ServerConfigError, serve
 
+    try:
+        quotas = from_flags(
+            max_queued_jobs=max_queued_jobs,
+            max_queued_bytes=max_queued_bytes,
+            job_retention=job_retention,
+            max_job_log=max_job_log,
+            max_app_log=max_app_log,
+        )
+    except ValueError as exc:
+        fail(exc)
     try:
         serve(
             host=host,
@@ -97,6 +202,12 @@ def server(
             templates=templates,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            sandbox=sandbox,
+            tenant_isolation=tenant_isolation,
+            durability=durability.value,
+            max_connections=max_connections,
+            header_timeout=header_timeout,
+            quotas=quotas,
         )
     except ServerConfigError as exc:
         fail(exc)
@@ -229,14 +340,23 @@ def logs(
     target: Annotated[str, typer.Argument(help="APP/FUNCTION")],
     tail: Annotated[int, typer.Option(help="how many recent lines")] = 100,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="only lines after this: '30m', '2h', '7d' ago, epoch seconds or ISO 8601"
+        ),
+    ] = None,
 ) -> None:
-    """Print worker output of a function, each line with its job id."""
+    """Print worker output of a function, each line with its job id; APP/Class shows every
+    worker of a class: its methods' calls and its hooks' lines (`@ember.enter` prints)."""
     app_name, fn = _split(target)
+    start = epoch(since, "--since") or 0.0
     client = api_client()
-    since, first = 0.0, True
+    first = True
+    since_ts = start
     try:
         while True:
-            records = client.logs(app_name, fn, tail=tail if first else 0, since=since)
+            records = client.logs(app_name, fn, tail=tail if first else 0, since=since_ts)
             first = False
             for r in records:
                 stamp = time.strftime("%H:%M:%S", time.localtime(r["ts"]))
@@ -246,10 +366,10 @@ def logs(
                     markup=False,
                     highlight=False,
                 )
-                since = max(since, r["ts"])
+                since_ts = max(since_ts, r["ts"])
             if not follow:
                 return
-            since = since or time.time()
+            since_ts = since_ts or time.time()
             time.sleep(0.5)  # poll: lines arrive in batches every 0.1 s
     except EmberError as exc:
         fail(exc)

@@ -18,16 +18,21 @@ that knows them all, fills those in. Everything here runs on the server's event 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import shutil
+import tempfile
 import time
-from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
 
 from ember.backends.base import Backend
 from ember.backends.local import LocalBackend
+from ember.backends.sandbox import make_sandbox
 from ember.config import TOKEN_FILE
+from ember.control import views
 from ember.control.audit import AuditLog
 from ember.control.deployments import Deployments
 from ember.control.dispatch import Dispatcher, Outside
@@ -35,8 +40,9 @@ from ember.control.errors import ConflictError, UnplaceableError, job_error
 from ember.control.governance import Governance
 from ember.control.jobs import JobBook
 from ember.control.logs import LogStore
-from ember.control.meter import Meter, end_orphans, read_usage
+from ember.control.meter import Meter, end_orphans
 from ember.control.records import AppState, FunctionMeta, Job, Pool, Worker
+from ember.control.rollups import summarize_usage
 from ember.control.scaling import Facts, Scaler
 from ember.control.secrets import SecretBook
 from ember.control.settings import Settings
@@ -44,7 +50,7 @@ from ember.control.tokens import TokenBook
 from ember.control.vault import Vault
 from ember.control.workers import Events, Workers
 from ember.core.jobs import JobStatus
-from ember.core.metering import Phase, group_key, summarize
+from ember.core.metering import Phase, check_query
 from ember.core.placement import Never, Placed, place
 from ember.store.writer import Writer
 
@@ -62,14 +68,24 @@ class ControlPlane:
         self.audit = AuditLog(engine)
         self.tokens = TokenBook(engine, settings.data_dir / TOKEN_FILE)
         self.secrets = SecretBook(engine, Vault.load(settings.data_dir))
-        self.logs = LogStore(settings.data_dir / "logs")
+        self.logs = LogStore(settings.data_dir / "logs", settings.quotas)
+        self.run_dir = Path(tempfile.mkdtemp(prefix="ember-run-"))
+        """The control socket's directory: short (a socket path has a length limit) and private."""
+        self.run_dir.chmod(0o711)
+        self.control_socket = self.run_dir / "control.sock"
+        self.sandbox, self.unsandboxed_why = make_sandbox(
+            settings.sandbox, settings.data_dir, self.control_socket
+        )
         self.backend: Backend = LocalBackend(
             settings.data_dir / "logs" / "workers",
             templates=settings.templates,
             inventory=settings.inventory,
+            control_socket=self.control_socket,
+            sandbox=self.sandbox,
+            isolated_only=settings.tenant_isolation,
         )
         self.deployments = Deployments(settings.data_dir, self.secrets.env_for)
-        self.jobs = JobBook(engine, settings.prices, self._job_ended)
+        self.jobs = JobBook(engine, settings.prices, self._job_ended, settings.quotas)
         self.workers = Workers(
             self.backend,
             Events(self._worker_ready, self._worker_message, self._worker_exited),
@@ -87,6 +103,7 @@ class ControlPlane:
                 phase=self._phase,
                 settled=self._scale,
                 home_of=self.deployments.home_of,
+                track=self.jobs.track,
             ),
             settings.cancel_grace_s,
         )
@@ -108,13 +125,14 @@ class ControlPlane:
         for room in (self.tokens, self.secrets, self.deployments, self.jobs, self.governance):
             room.writer = self.writer
         self.meter = Meter(self.writer, self.settings.prices, self.governance.record_spend)
-        await self.workers.listen()
+        await self.workers.listen(self.control_socket)
         self._requeue_pending(await asyncio.to_thread(self._load))
         for app in list(self.deployments.apps.values()):
             await self._prepare(app)
             for pool in app.all_pools():
                 self._settle(pool)
         self._spawn(self._tick_forever())
+        self._spawn(self.jobs.prune_forever())
 
     async def stop(self) -> None:
         """Stop every worker (exit hooks get `drain_grace_s`), then flush the store."""
@@ -137,6 +155,7 @@ class ControlPlane:
             task.cancel()
         await asyncio.to_thread(self.writer.close)
         self.logs.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -157,8 +176,10 @@ class ControlPlane:
                 self.governance.check_budgets()
 
     def checkpoint(self) -> None:
-        """Write every live worker's open usage segment up to now."""
-        self.meter.checkpoint(list(self.workers.live()), time.time())
+        """Write every live worker's open usage segment up to now, and the audit's counts."""
+        now = time.time()
+        self.meter.checkpoint(list(self.workers.live()), now)
+        self.audit.checkpoint(now)
 
     async def flush(self) -> None:
         """Meter up to now and wait until everything queued is in the store."""
@@ -202,14 +223,34 @@ class ControlPlane:
             "app": app.name,
             "version": app.version,
             "functions": list(app.functions),
-            "warnings": self.deployments.unplaceable(app, self.backend.inventory),
+            "warnings": [
+                *self.deployments.unplaceable(app, self.backend.inventory),
+                *self._unsandboxed(workspace),
+            ],
         }
+
+    def _unsandboxed(self, workspace: str) -> list[str]:
+        if self.sandbox is not None or workspace == "default" or not self.settings.tenant_isolation:
+            return []
+        return [
+            f"this server runs no worker sandbox ({self.unsandboxed_why}), so it runs the code of "
+            f"the 'default' workspace only: calls of {workspace!r} will fail until the operator "
+            "installs bubblewrap (see `ember doctor`)"
+        ]
 
     async def _prepare(self, app: AppState) -> None:
         """Start a template per unit; until one is ready, workers start plainly."""
         for unit, pool in app.pools.items():
             try:
-                await self.backend.prepare(pool.bundle, app.name, unit, pool.env)
+                await self.backend.prepare(
+                    pool.bundle,
+                    app.name,
+                    unit,
+                    pool.env,
+                    workspace=app.workspace,
+                    block_network=pool.spec.block_network,
+                    on_log=functools.partial(self._template_log, pool),
+                )
             except OSError as exc:
                 log.warning("no template for %s/%s: %s", app.name, unit, exc)
 
@@ -260,7 +301,9 @@ class ControlPlane:
             fit = place(request, spec.gpu_memory_mib, self.backend.inventory, ())
             if isinstance(fit, Never):
                 raise UnplaceableError(fit.reason)
-        tags = dict(rules.tags) if rules else {}
+        # The tags its worker's usage carries (`_start_worker`): the app's, the function's, the
+        # policy's, each over the one before.
+        tags = {**state.tags, **spec.tags, **(rules.tags if rules else {})}
         job = self.jobs.accept(workspace, app, meta, input, policy=policy, token=token, tags=tags)
         pool = state.pool(meta.unit, policy)
         self.dispatch.enqueue(pool, job)
@@ -341,6 +384,22 @@ class ControlPlane:
                     },
                 )
 
+    def _template_log(self, pool: Pool, lines: list[list[Any]]) -> None:
+        """What the user's module printed in its template (at import, in snap hooks)."""
+        for _, stream, line, ts in lines:
+            self.logs.append(
+                f"{pool.workspace}/{pool.app}",
+                pool.unit,
+                {
+                    "ts": ts,
+                    "job": None,
+                    "worker": "template",
+                    "function": pool.unit,
+                    "stream": stream,
+                    "line": line,
+                },
+            )
+
     def _worker_exited(self, w: Worker, code: int) -> None:
         pool = w.pool
         self.meter.end(w, time.time(), code, w.stop_reason)
@@ -392,38 +451,13 @@ class ControlPlane:
         return self.workers.of(workspace)
 
     def nodes(self, workspace: str) -> list[dict[str, Any]]:
-        """The GPU inventory of this machine, with what each GPU runs for this workspace (the
-        workers of others count only as memory in use)."""
-        held: dict[int, list[dict[str, Any]]] = {}
-        used: Counter[int] = Counter()
-        for w in self.workers.live():
-            for i in w.gpus:
-                used[i] += 1
-        for w in self.workers.of(workspace):
-            for i in w.gpus:
-                held.setdefault(i, []).append(
-                    {
-                        "worker": w.id,
-                        "app": w.pool.app,
-                        "unit": w.pool.unit,
-                        "state": w.state.value,
-                        "memory_mib": w.gpu_memory_mib,
-                        "jobs": list(w.running),
-                    }
-                )
-        gpus = [
-            {
-                "index": g.index,
-                "type": g.type,
-                "memory_mib": g.memory_mib,
-                "simulated": g.simulated,
-                "uuid": g.uuid,
-                "workers": held.get(g.index, []),
-                "in_use": used[g.index] > 0,
-            }
-            for g in self.backend.inventory
-        ]
-        return [{"name": self.backend.node, "backend": self.backend.name, "gpus": gpus}]
+        return views.nodes(
+            self.backend.node,
+            self.backend.name,
+            self.backend.inventory,
+            self.workers.live(),
+            self.workers.of(workspace),
+        )
 
     async def usage(
         self,
@@ -433,29 +467,22 @@ class ControlPlane:
         until: float | None,
         granularity: str | None,
     ) -> list[dict[str, Any]]:
-        """Usage totals per group, metered up to this instant (raises ValueError for bad groups)."""
-        for g in group_by:
-            group_key(g)
+        """Usage totals per group, metered up to this instant (raises ValueError for bad groups).
+        Rollups and edge records, summed in a thread: the loop serves other requests meanwhile."""
+        check_query(group_by, granularity)
         await self.flush()
-        records = await asyncio.to_thread(read_usage, self.engine, workspace, since, until)
-        return summarize(records, group_by, granularity, self.settings.prices)
+        return await asyncio.to_thread(
+            summarize_usage,
+            self.engine,
+            workspace,
+            group_by,
+            since,
+            until,
+            granularity,
+            self.settings.prices,
+        )
 
     def health(self, workspace: str, app: str, fn: str) -> dict[str, Any]:
         state, meta = self.deployments.lookup(workspace, app, fn)
         assert meta is not None
-        workers = Counter(
-            w.state.value
-            for p in state.all_pools()
-            if p.unit == meta.unit
-            for w in p.workers.values()
-        )
-        return {
-            "jobs": self.jobs.tally(workspace, app, fn),
-            "workers": {
-                "starting": workers["STARTING"],
-                "idle": workers["IDLE"],
-                "busy": workers["BUSY"],
-                "draining": workers["DRAINING"],
-            },
-            "version": state.version,
-        }
+        return views.health(state, meta.unit, self.jobs.tally(workspace, app, fn))

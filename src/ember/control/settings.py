@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ember.core.placement import Gpu
 from ember.core.pricing import PriceTable
+from ember.core.quotas import Quotas
 
 
 @dataclass
@@ -20,6 +21,15 @@ class Settings:
     """How often open usage segments are written: the most metering a kill -9 can lose."""
     templates: bool = True
     """Fork workers from a pre-initialised template per function version."""
+    sandbox: str = "auto"
+    """Workers in bubblewrap sandboxes: `auto` (where it can run), `bwrap` (required), `off`."""
+    tenant_isolation: bool = True
+    """Without a sandbox, run the code of the `default` workspace only (False: every workspace's,
+    able to read the data dir: `--no-tenant-isolation`)."""
     host: str = "127.0.0.1"
     tls: bool = False
     """Where the API listens and whether with TLS: facts for `ember doctor`."""
+    quotas: Quotas = field(default_factory=Quotas)
+    """What each workspace may queue, log and keep (docs/api.md, "Limits")."""
+    durability: str = "normal"
+    """SQLite's `synchronous` for the store: "normal" or "full" (docs/reliability.md)."""

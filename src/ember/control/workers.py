@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import socket
+import struct
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ember.backends.base import Backend, Launch
@@ -25,6 +29,35 @@ from ember.core.pricing import DEFAULT_CPU, DEFAULT_MEMORY_GIB, Resources
 from ember.worker import protocol
 
 log = logging.getLogger("ember.control")
+
+HELLO_DEADLINE_S = 5.0
+"""How long a new control connection may take to say who it is."""
+MAX_PENDING = 64
+"""Control connections waiting for their hello at once; a newer one closes the oldest."""
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid or None
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """`pid` is `ancestor` or below it (a sandbox puts a few processes in between)."""
+    for _ in range(8):
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(") ", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +88,26 @@ class Workers:
         self.workers: dict[str, Worker] = {}
         self.control_addr = ""
         self._server: asyncio.Server | None = None
+        self._unix: asyncio.Server | None = None
+        self._pending: dict[asyncio.StreamWriter, float] = {}
+        """Connections that have not said hello yet, and since when."""
 
-    async def listen(self) -> None:
-        """Open the control channel that workers connect back to (loopback only)."""
+    async def listen(self, unix_path: Path | None = None) -> None:
+        """Open the control channel that workers connect back to: a TCP port on loopback (for
+        workers elsewhere) and, given `unix_path`, a Unix socket there (local and sandboxed
+        workers: the server learns from the kernel which process is on the other end)."""
         self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.control_addr = f"{host}:{port}"
+        if unix_path is not None:
+            self._unix = await asyncio.start_unix_server(self._on_connection, path=str(unix_path))
+            # sandboxed workers run as `nobody`; the directory above keeps everyone else out
+            os.chmod(unix_path, 0o666)
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._unix):
+            if server is not None:
+                server.close()
 
     # ----------------------------------------------------------------- views
     def of(self, workspace: str) -> list[Worker]:
@@ -114,6 +157,8 @@ class Workers:
             tuple(self.backend.inventory[i] for i in w.gpus),
             w.gpu_memory_mib,
             w.pool.env,
+            workspace=w.pool.workspace,
+            block_network=w.pool.spec.block_network,
         )
         try:
             w.process = await self.backend.start(launch)
@@ -176,25 +221,62 @@ class Workers:
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        hello = await protocol.read(reader)
-        w = self.workers.get(hello.get("worker", "")) if hello else None
-        if (
-            hello is None
-            or w is None
-            or not secrets.compare_digest(hello.get("secret", ""), w.secret)
-        ):
+        """Authenticate, then relay frames. Before the hello, a connection may send one small
+        frame within a deadline; at most MAX_PENDING wait at once (the oldest goes first)."""
+        self._admit(writer)
+        try:
+            hello = await asyncio.wait_for(
+                protocol.read(reader, limit=protocol.MAX_HELLO), HELLO_DEADLINE_S
+            )
+        except (TimeoutError, ValueError):
+            hello = None
+        finally:
+            self._pending.pop(writer, None)
+        w = await self._authenticate(hello, writer)
+        if w is None:
             writer.close()
             return
         w.writer = writer
-        w.pid = hello.get("pid", w.pid)
         try:
             while (msg := await protocol.read(reader)) is not None:
                 self._on_message(w, msg)
+        except ValueError as exc:  # a frame over the limit, or not JSON: it is not our worker
+            log.warning("worker %s sent a bad frame (%s); stopping it", w.id, exc)
         finally:
             writer.close()
             # A worker without its connection is of no use; its exit code tells what happened.
             if w.id in self.workers and w.process is not None:
                 w.process.kill()
+
+    def _admit(self, writer: asyncio.StreamWriter) -> None:
+        while len(self._pending) >= MAX_PENDING:
+            oldest = min(self._pending, key=self._pending.__getitem__)
+            self._pending.pop(oldest)
+            oldest.close()
+        self._pending[writer] = time.monotonic()
+
+    async def _authenticate(self, hello: Any, writer: asyncio.StreamWriter) -> Worker | None:
+        """The worker the hello names, if its secret matches, the worker has no connection yet,
+        and (on the Unix socket) the process on the other end is that worker's own."""
+        if not isinstance(hello, dict) or hello.get("t") != "hello":
+            return None
+        worker_id, secret = hello.get("worker"), hello.get("secret")
+        if not isinstance(worker_id, str) or not isinstance(secret, str):
+            return None
+        w = self.workers.get(worker_id)
+        if w is None or w.writer is not None or not secrets.compare_digest(secret, w.secret):
+            return None
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            deadline = time.monotonic() + HELLO_DEADLINE_S
+            while w.process is None and time.monotonic() < deadline:  # its start still returning
+                await asyncio.sleep(0.001)
+            peer = _peer_pid(sock)
+            if peer is None or w.process is None or not _descends_from(peer, w.process.pid):
+                log.warning("refused a hello as %s from process %s, not its own", w.id, peer)
+                return None
+            w.pid = peer
+        return w
 
     def _on_message(self, w: Worker, msg: dict[str, Any]) -> None:
         t = msg["t"]

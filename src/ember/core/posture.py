@@ -73,6 +73,10 @@ class Posture:
     functions: tuple[FunctionFact, ...] = ()
     workspaces: tuple[str, ...] = ()
     budgeted_workspaces: frozenset[str] = field(default_factory=frozenset)
+    unsandboxed_why: str | None = None
+    """Why user code runs without the worker sandbox; None: it runs in one."""
+    tenant_isolation: bool = True
+    """Without a sandbox, only the `default` workspace's code runs (`--no-tenant-isolation`)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -155,6 +159,34 @@ def _budgets(p: Posture) -> Iterator[Finding]:
         )
 
 
+def _sandbox(p: Posture) -> Iterator[Finding]:
+    if p.unsandboxed_why is None:
+        return
+    fix = (
+        "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`) and restart the "
+        "server with `--sandbox auto` (the default)"
+    )
+    if not p.tenant_isolation:
+        yield Finding(
+            "no_tenant_isolation",
+            "high",
+            f"user code runs without the worker sandbox ({p.unsandboxed_why}) and, with "
+            "--no-tenant-isolation, every workspace's: any deployed function can read the data "
+            "dir (the operator token, master.key, the database with every secret), other "
+            "tenants' code and processes, and the server's environment",
+            fix + ", without --no-tenant-isolation",
+        )
+        return
+    yield Finding(
+        "no_sandbox",
+        "medium",
+        f"user code runs without the worker sandbox ({p.unsandboxed_why}): a function can read "
+        "the data dir and the server's processes, so only the 'default' workspace's code runs "
+        "and calls of other workspaces fail",
+        fix,
+    )
+
+
 def _files(p: Posture) -> Iterator[Finding]:
     for f in p.files:
         if not f.mode & 0o077:
@@ -176,6 +208,7 @@ def check(p: Posture) -> list[Finding]:
     """Every finding for the posture, most severe first (then by code, then message)."""
     found = [
         *_listen(p),
+        *_sandbox(p),
         *_files(p),
         *_tokens(p),
         *_timeouts(p),

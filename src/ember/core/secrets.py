@@ -232,8 +232,9 @@ class Redactor:
         return "".join(parts)
 
     def json(self, value: Any) -> Any:
-        """`value` with every string in it redacted, dict keys included; tuples become lists
-        (as JSON would have them); other values are returned as they are."""
+        """`value` with every string in it redacted, dict keys included, and every number whose
+        digits hold a secret turned into the redacted string; tuples become lists (as JSON would
+        have them); other values are returned as they are."""
         if not self._patterns:
             return value
         return self._walk(value)
@@ -247,4 +248,9 @@ class Redactor:
             }
         if isinstance(value, list | tuple):
             return [self._walk(v) for v in value]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            # a secret that is a number (a PIN, an account id) shows as that number in JSON
+            shown = repr(value)
+            hidden = self.text(shown)
+            return value if hidden == shown else hidden
         return value

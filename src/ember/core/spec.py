@@ -86,6 +86,8 @@ class FunctionSpec:
     env: str | None = None
     secrets: tuple[str, ...] = ()
     """Names of workspace secrets whose KEY=VALUE pairs go into this function's environment."""
+    block_network: bool = False
+    """Its workers have no network at all (a sandbox with only a loopback device of its own)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -111,6 +113,7 @@ class FunctionSpec:
             tags=d.get("tags"),
             env=d.get("env"),
             secrets=d.get("secrets"),
+            block_network=d.get("block_network", False),
             **scaling,
         )
 
@@ -236,6 +239,7 @@ def make_spec(
     tags: Any = None,
     env: Any = None,
     secrets: Any = None,
+    block_network: Any = False,
 ) -> FunctionSpec:
     """Build a FunctionSpec from user options, or raise SpecError saying what to change."""
     mn = _int("min_workers", min_workers, minimum=0)
@@ -248,6 +252,8 @@ def make_spec(
         raise SpecError(f"cpu must be a positive number of cores, got {cpu!r}")
     if env is not None and (not isinstance(env, str) or not env):
         raise SpecError(f"env must be the name of an environment, got {env!r}")
+    if not isinstance(block_network, bool):
+        raise SpecError(f"block_network must be True or False, got {block_network!r}")
     if prewarm not in (None, "auto"):
         raise SpecError(f"prewarm must be None or 'auto', got {prewarm!r}")
     schedule = parse_warm_schedule(warm_schedule)
@@ -278,4 +284,5 @@ def make_spec(
         tags=parse_tags(tags),
         env=env,
         secrets=parse_secret_names(secrets),
+        block_network=block_network,
     )

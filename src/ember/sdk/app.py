@@ -41,6 +41,7 @@ class Options(TypedDict, total=False):
     tags: dict[str, str] | None
     env: str | None
     secrets: list[str] | None
+    block_network: bool
 
 
 def _spec(options: Mapping[str, Any], where: str) -> FunctionSpec:

@@ -12,7 +12,12 @@ import struct
 from typing import Any
 
 _HEADER = struct.Struct("!I")
-MAX_FRAME = 1 << 30
+MAX_FRAME = 256 << 20
+"""The largest frame either side reads from an authenticated peer (an output, a log batch)."""
+MAX_OUTPUT = MAX_FRAME - (1 << 20)
+"""The largest output a job may return: the frame that carries it has a little more."""
+MAX_HELLO = 4096
+"""The largest frame read before a worker has said who it is."""
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 dumps_value = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
@@ -29,15 +34,18 @@ def encode(msg: dict[str, Any], raw: dict[str, bytes] | None = None) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-async def read(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next frame, or None once the other side has gone."""
+async def read(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> dict[str, Any] | None:
+    """The next frame, or None once the other side has gone; ValueError for a frame over
+    `limit` bytes (read no further: nothing of it is buffered) or one that is not JSON."""
     try:
         header = await reader.readexactly(_HEADER.size)
         (size,) = _HEADER.unpack(header)
-        if size > MAX_FRAME:
-            raise ValueError(f"frame of {size} bytes is over the limit")
+        if size > limit:
+            raise ValueError(f"frame of {size} bytes is over the limit of {limit}")
         body = await reader.readexactly(size)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
-    msg: dict[str, Any] = json.loads(body)
+    msg = json.loads(body)
+    if not isinstance(msg, dict):
+        raise ValueError("a frame must be a JSON object")
     return msg

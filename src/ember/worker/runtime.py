@@ -12,11 +12,10 @@ sends its own result: a call costs one thread wake-up (loop to job thread), not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ctypes
 import functools
-import importlib.util
-import io
 import os
 import select
 import socket
@@ -26,129 +25,16 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.core.secrets import Redactor, secret_values
 from ember.worker import protocol
-
-current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "current_job", default=None
-)
+from ember.worker.loading import Loaded, load_unit, run_hooks
+from ember.worker.output import Capture, current_job, error_body, output_json, redactor_from_env
 
 
 class Cancelled(BaseException):
     """Raised inside a job's thread to stop it; BaseException so `except Exception` lets it by."""
-
-
-def error_body(exc: BaseException, redact: Redactor | None = None) -> dict[str, Any]:
-    """What the server learns of an exception; `redact` hides the function's secret values."""
-    body = {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
-    return body if redact is None else {k: redact.text(v) for k, v in body.items()}
-
-
-def output_json(value: Any, redact: Redactor | None = None) -> bytes:
-    """An output (a result or a streamed value) as JSON, with the function's secret values
-    hidden; raises TypeError or ValueError when it is not JSON-serialisable."""
-    if redact is not None:
-        value = redact.json(value)
-    return protocol.dumps_value(value).encode()
-
-
-def redactor_from_env(env: Mapping[str, str], also: Sequence[str] = ()) -> Redactor | None:
-    """The redactor of the secrets the server gave this process (EMBER_SECRET_KEYS) and of
-    `also`, or None when there is nothing to hide, so that the paths that send data skip
-    redaction entirely."""
-    redactor = Redactor([*secret_values(env), *also])
-    return redactor if redactor else None
-
-
-class _Capture(io.TextIOBase):
-    """sys.stdout / sys.stderr: each complete line goes to the server tagged with its job id."""
-
-    def __init__(self, stream: str, sink: Callable[[str | None, str, str], None]) -> None:
-        self.stream, self.sink = stream, sink
-        self._partial: dict[str | None, str] = {}
-        self._lock = threading.Lock()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str) -> int:
-        job = current_job.get()
-        with self._lock:
-            text = self._partial.pop(job, "") + s
-            *lines, rest = text.split("\n")
-            if rest:
-                self._partial[job] = rest
-        for line in lines:
-            self.sink(job, self.stream, line)
-        return len(s)
-
-    def flush_job(self, job: str | None) -> None:
-        with self._lock:
-            rest = self._partial.pop(job, None)
-        if rest:
-            self.sink(job, self.stream, rest)
-
-
-@dataclass
-class Loaded:
-    """A unit imported and ready to serve: what a template keeps and every fork inherits."""
-
-    targets: dict[str, tuple[Callable[..., Any], str]]
-    snap_hooks: list[Callable[[], Any]]
-    """`@ember.enter(snap=True)`: CPU-side loading a template runs once for all its forks."""
-    enter_hooks: list[Callable[[], Any]]
-    """`@ember.enter()`: run in each worker (GPU set-up goes here)."""
-    exit_hooks: list[Callable[[], Any]]
-
-
-def load_unit(bundle: Path, app_name: str, unit_name: str) -> Loaded:
-    """Import the user's file and find the function or class this process serves."""
-    from ember.sdk.app import registered_app
-    from ember.sdk.cls import Cls
-    from ember.sdk.hooks import ENTER, hooks_of
-
-    sys.path.insert(0, str(bundle.parent))
-    name = bundle.stem
-    spec = importlib.util.spec_from_file_location(name, bundle)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    try:
-        app = registered_app(app_name)
-    except KeyError:
-        raise RuntimeError(f"{bundle.name} no longer defines ember.App({app_name!r})") from None
-    unit = app.units.get(unit_name)
-    if unit is None:
-        raise RuntimeError(f"app {app_name!r} has no function or class {unit_name!r}")
-    if not isinstance(unit, Cls):
-        assert unit._local is not None
-        return Loaded({unit.name: (unit._local, unit.kind)}, [], [], [])
-    assert unit.user_cls is not None
-    instance = unit.user_cls()
-    enters, exits, _ = hooks_of(unit.user_cls)
-    snap = [h for h in enters if getattr(getattr(unit.user_cls, h), ENTER)["snap"]]
-    return Loaded(
-        targets={h.name: (getattr(instance, m), h.kind) for m, h in unit.methods.items()},
-        snap_hooks=[getattr(instance, h) for h in snap],
-        enter_hooks=[getattr(instance, h) for h in enters if h not in snap],
-        exit_hooks=[getattr(instance, h) for h in exits],
-    )
-
-
-async def run_hooks(hooks: list[Callable[[], Any]]) -> None:
-    for hook in hooks:
-        result = hook()
-        if asyncio.iscoroutine(result):
-            await result
 
 
 class Worker:
@@ -157,12 +43,15 @@ class Worker:
         env: dict[str, str],
         preloaded: Loaded | None = None,
         secrets_seen: Sequence[str] = (),
+        secret: str | None = None,
     ) -> None:
         self.preloaded = preloaded
         self.id = env["EMBER_WORKER_ID"]
-        self.secret = env["EMBER_WORKER_SECRET"]
-        host, port = env["EMBER_CONTROL"].rsplit(":", 1)
-        self.addr = (host, int(port))
+        self.secret = secret if secret is not None else env["EMBER_WORKER_SECRET"]
+        """Its credential for the control channel: handed over on stdin or in the fork request,
+        so that it is in no environment or argv another process could read."""
+        self.control = env["EMBER_CONTROL"]
+        """`unix:PATH` (local and sandboxed workers) or `HOST:PORT`."""
         self.bundle = Path(env["EMBER_BUNDLE"])
         self.app_name = env["EMBER_APP"]
         self.unit_name = env["EMBER_UNIT"]
@@ -257,9 +146,10 @@ class Worker:
             return {"ok": True}, None
         try:
             raw = output_json(output, self.redact)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # whatever user objects raise while encoded: the job fails now
             err = TypeError(
-                f"the output of type {type(output).__name__} is not JSON-serialisable: {exc}"
+                f"the output of type {type(output).__name__} is not JSON-serialisable: "
+                + error_body(exc)["message"]
             )
             return {"ok": False, "error": error_body(err, self.redact)}, None
         return {"ok": True}, {"output": raw}
@@ -322,9 +212,13 @@ class Worker:
     def send_output(self, job_id: str, value: Any) -> None:
         try:
             raw = output_json(value, self.redact)
-        except (TypeError, ValueError):
-            text = repr(value) if self.redact is None else self.redact.text(repr(value))
-            raw = protocol._dumps(text).encode()
+        except Exception:  # sent as its repr, or as its type where even repr fails
+            try:
+                text = repr(value)
+            except Exception:
+                text = f"<a {type(value).__name__} that is neither JSON nor repr()-able>"
+            text = text if self.redact is None else self.redact.text(text)
+            raw = protocol._dumps(text).encode("utf-8", "replace")
         self.flush_logs()
         self.send({"t": "output", "job": job_id}, raw={"value": raw})
 
@@ -333,9 +227,16 @@ class Worker:
     ) -> None:
         exec_ms = (time.perf_counter() - t0) * 1000.0
         for cap in (sys.stdout, sys.stderr):
-            if isinstance(cap, _Capture):
+            if isinstance(cap, Capture):
                 cap.flush_job(job_id)
         self.flush_logs()
+        if raw is not None and sum(map(len, raw.values())) > protocol.MAX_OUTPUT:
+            size = sum(map(len, raw.values()))
+            err = ValueError(
+                f"the output is {size} bytes of JSON, over the limit of {protocol.MAX_OUTPUT}: "
+                "return a smaller value, or write large data to a volume and return its path"
+            )
+            result, raw = {"ok": False, "error": error_body(err, self.redact)}, None
         self.send({"t": "result", "job": job_id, "exec_ms": exec_ms, **result}, raw=raw)
 
     def cancel(self, job_id: str) -> None:
@@ -378,15 +279,26 @@ class Worker:
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        reader, self.writer = await asyncio.open_connection(*self.addr)
+        if self.control.startswith("unix:"):
+            reader, self.writer = await asyncio.open_unix_connection(self.control[5:])
+        else:
+            host, port = self.control.rsplit(":", 1)
+            reader, self.writer = await asyncio.open_connection(host, int(port))
         # The loop reads the connection; frames go out on a duplicate of its socket, written
         # directly from whichever thread has one to send.
         fd = os.dup(self.writer.get_extra_info("socket").fileno())
         self.sock = socket.socket(fileno=fd)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sock.family != socket.AF_UNIX:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.send({"t": "hello", "worker": self.id, "secret": self.secret, "pid": os.getpid()})
-        sys.stdout = _Capture("stdout", self.log)
-        sys.stderr = _Capture("stderr", self.log)
+        # A template's captures (what its module's logging handlers hold) now report as this
+        # worker's; a plain process gets new ones before the user's module is imported.
+        for name in ("stdout", "stderr"):
+            current = getattr(sys, name)
+            if isinstance(current, Capture):
+                current.sink = self.log
+            else:
+                setattr(sys, name, Capture(name, self.log))
         self._flusher = asyncio.create_task(self._flush_logs_forever())
         try:
             if self.preloaded is None:  # a plain process: import, then every enter hook here
@@ -444,19 +356,61 @@ def _exit_with_server(server_pid: int, interval: float = 0.2) -> None:
             os._exit(0)
 
 
-def main(preloaded: Loaded | None = None, secrets_seen: Sequence[str] = ()) -> None:
-    """Run a worker: in a fresh process, or in a fork of a template (`preloaded`).
+def drop_privileges(env: Mapping[str, str]) -> None:
+    """In a sandbox that root started: become `nobody` (EMBER_RUN_AS) before user code runs."""
+    uid = env.get("EMBER_RUN_AS")
+    if uid and os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(int(uid))
+        os.setuid(int(uid))
+
+
+def close_inherited() -> None:
+    """Close every descriptor above stderr that this process inherited: the server's event loop
+    does not close them all when it starts a worker (its listening socket, log files), and user
+    code must reach none of them."""
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        os.closerange(3, 4096)
+        return
+    for fd in fds:
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def read_secret() -> str | None:
+    """A plainly started worker's secret: the first line of its stdin, which then closes."""
+    if "EMBER_WORKER_SECRET" in os.environ:  # started by hand, for a test or a debugger
+        return None
+    line = sys.stdin.readline().strip()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return line
+
+
+def main(
+    preloaded: Loaded | None = None, secrets_seen: Sequence[str] = (), secret: str | None = None
+) -> None:
+    """Run a worker: in a fresh process, or in a fork of a template (`preloaded`, `secret`).
     `secrets_seen`: secret values the template had when it started, hidden too even if user code
     has since removed them from the environment (a token popped after a login, say)."""
+    if preloaded is None:
+        close_inherited()
+        secret = read_secret()
+        drop_privileges(os.environ)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    server_pid = int(os.environ.get("EMBER_SERVER_PID") or os.getppid())
-    threading.Thread(
-        target=_exit_with_server, args=(server_pid,), name="ember-server-watch", daemon=True
-    ).start()
-    worker = Worker(dict(os.environ), preloaded, secrets_seen)
+    if os.environ.get("EMBER_SERVER_PID") != "":  # in a sandbox, the kernel ends us with it
+        server_pid = int(os.environ.get("EMBER_SERVER_PID") or os.getppid())
+        threading.Thread(
+            target=_exit_with_server, args=(server_pid,), name="ember-server-watch", daemon=True
+        ).start()
+    worker = Worker(dict(os.environ), preloaded, secrets_seen, secret)
     asyncio.run(worker.serve())

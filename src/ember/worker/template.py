@@ -5,12 +5,15 @@ read from disk, say), then waits. Each fork request becomes a worker in millisec
 inherits the imported modules and the loaded objects (shared copy-on-write), takes its own
 environment (its GPUs in CUDA_VISIBLE_DEVICES), runs the remaining `@ember.enter()` hooks and
 connects to the server like any worker. Nothing touches a GPU before the fork: the template runs
-with no visible CUDA device.
+with no visible CUDA device. A template and its forks share one sandbox (`backends/sandbox.py`).
 
-Protocol with the server, one JSON object per line: the server writes `{"worker", "env", "log"}`
-to the template's stdin; the template writes `{"t": "ready"}` or `{"t": "failed", "error"}` once,
-then `{"t": "forked", "worker", "pid"}` and `{"t": "exited", "pid", "code"}` to its stdout. When
-its stdin closes (the server is gone) it exits, and its workers follow (they watch their parent).
+Protocol with the server: stdin is a Unix socket on which the server sends one JSON object per
+line, `{"worker", "secret", "env"}`, each with the new worker's log file attached as a file
+descriptor (the file itself is out of the sandbox's sight); stdout carries one JSON object per
+line back: `{"t": "ready"}` or `{"t": "failed", "error"}` once, `{"t": "log", "lines"}` for what
+the user's module printed (redacted), `{"t": "forked", "worker", "pid"}` and
+`{"t": "exited", "pid", "code"}`. stderr is the template's own raw log. When its stdin closes (the
+server is gone) it exits, and its workers follow.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ import json
 import os
 import select
 import signal
+import socket
 import sys
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from ember.core.secrets import Redactor, secret_values
-from ember.worker.runtime import Loaded, load_unit, redactor_from_env
+from ember.worker.loading import Loaded, load_unit
+from ember.worker.output import Capture, redactor_from_env
+from ember.worker.runtime import drop_privileges
 
 
 def _reap(out: IO[str]) -> None:
@@ -42,15 +49,20 @@ def _reap(out: IO[str]) -> None:
         _send(out, {"t": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _print_exc(exc: BaseException, redact: Redactor | None) -> str:
-    """Print the traceback of `exc` to this process's log, and return its one-line summary,
-    both with the function's secret values hidden."""
+def _print_exc(exc: BaseException, redact: Redactor | None, served: bool = False) -> str:
+    """Print the traceback of `exc` to the raw log (and, `served`, to the function's log), and
+    return its one-line summary, all with the function's secret values hidden."""
     text = "".join(traceback.format_exception(exc))
-    summary = f"{type(exc).__name__}: {exc}"
+    try:
+        summary = f"{type(exc).__name__}: {exc}"
+    except Exception:
+        summary = type(exc).__name__
     if redact is not None:
         text, summary = redact.text(text), redact.text(summary)
-    sys.stderr.write(text)
-    sys.stderr.flush()
+    for stream in (sys.__stderr__, sys.stderr if served else None):
+        if stream is not None:
+            stream.write(text)
+            stream.flush()
     return summary
 
 
@@ -59,8 +71,24 @@ def _send(out: IO[str], msg: dict[str, Any]) -> None:
     out.flush()
 
 
+class _Lines:
+    """The template's printed lines, redacted, to the server as `log` messages."""
+
+    def __init__(self, out: IO[str], redact: Redactor | None) -> None:
+        self.out, self.redact = out, redact
+
+    def __call__(self, job: str | None, stream: str, line: str) -> None:
+        if self.redact is not None:
+            line = self.redact.text(line)
+        _send(self.out, {"t": "log", "lines": [[None, stream, line, time.time()]]})
+
+
 def _become_worker(
-    request: dict[str, Any], loaded: Loaded, private: list[int], secrets_seen: list[str]
+    request: dict[str, Any],
+    log_fd: int,
+    loaded: Loaded,
+    private: list[int],
+    secrets_seen: list[str],
 ) -> NoReturn:
     """In the child: a new session, its own environment and output, then the worker runtime."""
     try:
@@ -68,15 +96,14 @@ def _become_worker(
         for fd in private:
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.environ.pop("EMBER_TEMPLATE_LOG", None)
+        os.environ.pop("EMBER_TEMPLATE", None)
         os.environ.update(request["env"])
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
         from ember.worker import runtime
 
-        runtime.main(preloaded=loaded, secrets_seen=secrets_seen)
+        runtime.main(preloaded=loaded, secrets_seen=secrets_seen, secret=request["secret"])
     except BaseException as exc:
         _print_exc(exc, redactor_from_env(dict(os.environ), secrets_seen))
         os._exit(1)
@@ -84,19 +111,30 @@ def _become_worker(
 
 
 def main() -> None:
-    proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
+    requests = socket.socket(fileno=os.dup(0))
     proto_out = os.fdopen(os.dup(1), "w")
-    # From here on, fds 1 and 2 are the template's log: user prints cannot break the protocol.
-    log = os.open(os.environ["EMBER_TEMPLATE_LOG"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
+    # Whatever else the server let us inherit goes: a fork holding the server's end of our
+    # stdout would keep it from ever seeing this template exit (and its forks' exits with it).
+    for fd in map(int, os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ()):
+        if fd > 2 and fd not in (requests.fileno(), proto_out.fileno()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    # From here on, fds 1 and 2 are the template's raw log (the server opened it as our stderr):
+    # user prints cannot break the protocol.
+    os.dup2(2, 1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    drop_privileges(os.environ)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # an accidental CUDA call here fails, not a fork
     # read before user code runs, which may take a secret out of the environment once used
     secrets_seen = secret_values(os.environ)
+    redact = redactor_from_env({}, secrets_seen)
+    # What the user's module prints, and what a logging handler it sets up writes, is the
+    # function's log: redacted and sent to the server. Its forks take these same objects over.
+    sink = _Lines(proto_out, redact)
+    sys.stdout = Capture("stdout", sink)
+    sys.stderr = Capture("stderr", sink)
     with contextlib.suppress(ImportError):  # imported once here, not in every fork
         import uvloop  # noqa: F401
     try:
@@ -108,34 +146,39 @@ def main() -> None:
             hook()
         ready_ms = (time.perf_counter() - t0) * 1000.0
     except BaseException as exc:
-        _send(
-            proto_out,
-            {"t": "failed", "error": _print_exc(exc, redactor_from_env({}, secrets_seen))},
-        )
+        _send(proto_out, {"t": "failed", "error": _print_exc(exc, redact, served=True)})
+        for cap in (sys.stdout, sys.stderr):
+            if isinstance(cap, Capture):
+                cap.flush_job(None)
         sys.exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for cap in (sys.stdout, sys.stderr):
+        if isinstance(cap, Capture):
+            cap.flush_job(None)
     # What the forks inherit stays out of their collections: the GC would otherwise write to
     # every inherited object's header and copy the page it lies on into each fork.
     gc.collect()
     gc.freeze()
-    _send(proto_out, {"t": "ready", "ms": ready_ms})
-    private = [proto_in.fileno(), proto_out.fileno()]
+    _send(proto_out, {"t": "ready", "ms": ready_ms, "pid": os.getpid()})
+    private = [requests.fileno(), proto_out.fileno()]
     pending = b""
+    fds: deque[int] = deque()
     while True:
-        readable, _, _ = select.select([proto_in], [], [], 0.05)
+        readable, _, _ = select.select([requests], [], [], 0.05)
         _reap(proto_out)
         if not readable:
             continue
-        chunk = os.read(proto_in.fileno(), 65536)
+        chunk, got, _, _ = socket.recv_fds(requests, 1 << 20, 16)
         if not chunk:  # the server is gone; our workers notice and exit
             os._exit(0)
+        fds.extend(got)
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
             request = json.loads(line)
+            log_fd = fds.popleft()
             pid = os.fork()
             if pid == 0:
-                _become_worker(request, loaded, private, secrets_seen)
+                _become_worker(request, log_fd, loaded, [*private, *fds], secrets_seen)
+            os.close(log_fd)
             _send(proto_out, {"t": "forked", "worker": request["worker"], "pid": pid})
 
 

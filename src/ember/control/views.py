@@ -1,0 +1,69 @@
+"""What the API shows of live state that no one room owns: nodes and their GPUs, a function's
+health. Plain functions over the records the rooms hand over; they change nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from ember.control.records import AppState, Worker
+from ember.core.placement import Gpu
+
+
+def nodes(
+    node: str,
+    backend: str,
+    inventory: tuple[Gpu, ...],
+    live: Iterable[Worker],
+    mine: Iterable[Worker],
+) -> list[dict[str, Any]]:
+    """The GPU inventory of this machine, with what each GPU runs for this workspace (`mine`);
+    the workers of others count only as memory in use."""
+    held: dict[int, list[dict[str, Any]]] = {}
+    used: Counter[int] = Counter()
+    for w in live:
+        for i in w.gpus:
+            used[i] += 1
+    for w in mine:
+        for i in w.gpus:
+            held.setdefault(i, []).append(
+                {
+                    "worker": w.id,
+                    "app": w.pool.app,
+                    "unit": w.pool.unit,
+                    "state": w.state.value,
+                    "memory_mib": w.gpu_memory_mib,
+                    "jobs": list(w.running),
+                }
+            )
+    gpus = [
+        {
+            "index": g.index,
+            "type": g.type,
+            "memory_mib": g.memory_mib,
+            "simulated": g.simulated,
+            "uuid": g.uuid,
+            "workers": held.get(g.index, []),
+            "in_use": used[g.index] > 0,
+        }
+        for g in inventory
+    ]
+    return [{"name": node, "backend": backend, "gpus": gpus}]
+
+
+def health(state: AppState, unit: str, jobs: dict[str, Any]) -> dict[str, Any]:
+    """A function's jobs by status and its workers by state (all its pools, policies' too)."""
+    workers = Counter(
+        w.state.value for p in state.all_pools() if p.unit == unit for w in p.workers.values()
+    )
+    return {
+        "jobs": jobs,
+        "workers": {
+            "starting": workers["STARTING"],
+            "idle": workers["IDLE"],
+            "busy": workers["BUSY"],
+            "draining": workers["DRAINING"],
+        },
+        "version": state.version,
+    }

@@ -331,9 +331,8 @@ def test_a_response_still_being_read_is_not_cut_by_the_deadline(
         assert chunk, f"cut after {len(received)} of {length} bytes"
         received += chunk
     assert len(received) == length > 16 << 20
-    # delivering it counted as in flight: the connection was not even marked for closing
-    s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    # (the next request's head deadline runs from the response's last write, which can be
+    # while its last bytes still wait in the kernel's buffers: not asserted here)
     s.close()
 
 

@@ -30,6 +30,7 @@ import httpx
 from sqlalchemy import insert
 from stats import emit, log, machine, percentile
 
+from ember.control.meter import usage_row
 from ember.core.metering import Phase, make_record
 from ember.core.pricing import PriceTable, Resources
 from ember.store import tables
@@ -98,27 +99,7 @@ def usage_rows(n: int, now: float, seed: int = 7) -> tuple[list[dict[str, Any]],
                 workspace=workspace,
                 policy=policy,
             )
-            rows.append(
-                {
-                    "worker": r.worker,
-                    "app": r.app,
-                    "unit": r.unit,
-                    "version": r.version,
-                    "phase": r.phase.value,
-                    "start": r.start,
-                    "end": r.end,
-                    "billed_ms": r.billed_ms,
-                    "gpu_type": res.gpu_type,
-                    "gpu_count": res.gpu_count,
-                    "cpu": res.cpu,
-                    "memory_gib": res.memory_gib,
-                    "usd": r.usd,
-                    "tags": tags_json,
-                    "starts": r.starts,
-                    "workspace": workspace,
-                    "policy": policy,
-                }
-            )
+            rows.append(usage_row(r, tags_json))
             first = False
             t += step
             left -= step

@@ -40,7 +40,7 @@ def square(x: int) -> int:
 
 @app.function(max_workers=4)
 def slow(seconds: float) -> str:
-    time.sleep(seconds)
+    time.sleep(seconds)  # sleep-ok: the function's own work
     return "done"
 
 @app.function()
@@ -172,7 +172,7 @@ def open_idle_unix(path: str, n: int, held: list[socket.socket]) -> None:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.001)
+                time.sleep(0.001)  # sleep-ok: polling a non-blocking connect, with a deadline
 
 
 def timed(fn: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
@@ -228,7 +228,7 @@ def wait_for_count(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     while not predicate():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.05)
+        time.sleep(0.05)  # sleep-ok: polling with a deadline
     return True
 
 
@@ -246,7 +246,7 @@ def test_a_connection_that_sends_nothing_or_trickles_is_closed_at_its_deadline(
     with contextlib.suppress(OSError):
         for byte in b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
             trickle.send(bytes([byte]))
-            time.sleep(0.1)
+            time.sleep(0.1)  # sleep-ok: the slowloris's pace
     assert time.monotonic() - t0 < 3, "a trickled head outlived its deadline"
     assert wait_closed(trickle, timeout=3) < 3
 
@@ -258,7 +258,7 @@ def test_a_connection_that_sends_nothing_or_trickles_is_closed_at_its_deadline(
     with contextlib.suppress(OSError):
         for byte in b"GET /v1/health HTTP/1.1\r\nX-Slow: " + b"a" * 100:
             kept.send(bytes([byte]))
-            time.sleep(0.1)
+            time.sleep(0.1)  # sleep-ok: the slowloris's pace
     assert time.monotonic() - t0 < 3, "a trickled second head outlived its deadline"
     # a complete request is served as always
     assert server.http("GET", "/v1/health").status_code == 200

@@ -396,3 +396,18 @@ def test_doctor_says_when_the_sandbox_is_unavailable(make_server: Callable[..., 
     assert "apt-get install bubblewrap" in text
     text = doctor(make_server("--sandbox", "off", "--no-tenant-isolation"))
     assert "every workspace's" in text and "master.key" in text, text
+
+
+def test_the_rule_of_whose_code_runs_without_a_sandbox() -> None:
+    from ember.core.isolation import refusal
+
+    def why(**kw: Any) -> str | None:
+        return refusal(
+            **{"sandboxed": False, "workspace": "default", "tenant_isolation": True, **kw}
+        )
+
+    assert why(sandboxed=True, workspace="mallory", block_network=True) is None
+    assert why() is None  # the default workspace: a single user's own machine
+    assert "--no-tenant-isolation" in (why(workspace="mallory") or "")
+    assert why(workspace="mallory", tenant_isolation=False) is None  # the operator's choice
+    assert "block_network" in (why(block_network=True, tenant_isolation=False) or "")

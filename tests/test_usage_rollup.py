@@ -29,7 +29,7 @@ from alembic.config import Config
 from sqlalchemy import insert
 
 from conftest import Server, wait_for, worker_pids
-from ember.control.meter import read_usage
+from ember.control.meter import read_usage, usage_row
 from ember.core.metering import (
     Phase,
     bucket_of,
@@ -85,27 +85,7 @@ def usage_rows(n: int, t0: float, seed: int = 11) -> list[dict[str, Any]]:
             workspace=rng.choice(["default", "default", "default", "team"]),
             policy=rng.choice([None, None, "batch"]),
         )
-        rows.append(
-            {
-                "worker": r.worker,
-                "app": r.app,
-                "unit": r.unit,
-                "version": 1,
-                "phase": r.phase.value,
-                "start": r.start,
-                "end": r.end,
-                "billed_ms": r.billed_ms,
-                "gpu_type": res.gpu_type,
-                "gpu_count": res.gpu_count,
-                "cpu": res.cpu,
-                "memory_gib": res.memory_gib,
-                "usd": r.usd,
-                "tags": tags_json,
-                "starts": r.starts,
-                "workspace": r.workspace,
-                "policy": r.policy,
-            }
-        )
+        rows.append(usage_row(r, tags_json))
     return rows
 
 

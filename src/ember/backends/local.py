@@ -29,6 +29,7 @@ from typing import Any
 
 from ember.backends.base import Launch
 from ember.backends.sandbox import CONTROL_SOCKET, Sandbox
+from ember.core.isolation import refusal
 from ember.core.names import under
 from ember.core.placement import Gpu
 
@@ -278,20 +279,14 @@ class LocalBackend:
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def _check(self, workspace: str, block_network: bool) -> None:
-        if self.sandbox is not None:
-            return
-        if block_network:
-            raise Unisolated(
-                "block_network=True needs the worker sandbox (bubblewrap), which this server "
-                "does not run: install bubblewrap and restart the server (see `ember doctor`)"
-            )
-        if workspace != "default" and self.isolated_only:
-            raise Unisolated(
-                f"this server runs user code without a sandbox, so it runs the code of the "
-                f"'default' workspace only, not of {workspace!r}: install bubblewrap (see "
-                "`ember doctor`), or restart the server with --no-tenant-isolation to run every "
-                "workspace's code as the server's user, able to read the data dir"
-            )
+        why = refusal(
+            sandboxed=self.sandbox is not None,
+            workspace=workspace,
+            tenant_isolation=self.isolated_only,
+            block_network=block_network,
+        )
+        if why is not None:
+            raise Unisolated(why)
 
     def _control(self, launch: Launch) -> str:
         if self.sandbox is not None:

@@ -15,6 +15,7 @@ This module only builds the command line and the environment; `backends/local.py
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -72,10 +73,15 @@ def find_bwrap() -> str | None:
 
 
 def probe(bwrap: str | None = None) -> str | None:
-    """None when sandboxes can be made here, else why not (for `ember doctor` and the server)."""
+    """None when sandboxes can be made here, else why not (for `ember doctor` and the server).
+    Tried once per process: it starts a sandbox."""
+    return _probe(bwrap or find_bwrap())
+
+
+@functools.cache
+def _probe(bwrap: str | None) -> str | None:
     if not sys.platform.startswith("linux"):
         return f"the worker sandbox needs Linux (this is {sys.platform})"
-    bwrap = bwrap or find_bwrap()
     if bwrap is None:
         return "bubblewrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
     import subprocess

@@ -30,7 +30,9 @@ from ember.store import tables
 from ember.store.writer import Writer
 
 
-def _usage_row(r: UsageRecord, tags_json: str) -> dict[str, Any]:
+def usage_row(r: UsageRecord, tags_json: str) -> dict[str, Any]:
+    """The `usage` table's row of a record (what the meter writes; benches and tests that fill
+    a store directly write the same)."""
     return {
         "worker": r.worker,
         "app": r.app,
@@ -169,7 +171,7 @@ class Meter:
         w.first_record = False
         w.seg_start = end
         w.billed_ms += record.billed_ms
-        self._records.append(_usage_row(record, w.tags_json))
+        self._records.append(usage_row(record, w.tags_json))
 
 
 def round_up_orphans(conn: Connection, billing: str) -> None:

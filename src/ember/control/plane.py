@@ -49,6 +49,7 @@ from ember.control.settings import Settings
 from ember.control.tokens import TokenBook
 from ember.control.vault import Vault
 from ember.control.workers import Events, Workers
+from ember.core.isolation import refusal
 from ember.core.jobs import JobStatus
 from ember.core.metering import Phase, check_query
 from ember.core.placement import Never, Placed, place
@@ -225,17 +226,25 @@ class ControlPlane:
             "functions": list(app.functions),
             "warnings": [
                 *self.deployments.unplaceable(app, self.backend.inventory),
-                *self._unsandboxed(workspace),
+                *self._unsandboxed(app),
             ],
         }
 
-    def _unsandboxed(self, workspace: str) -> list[str]:
-        if self.sandbox is not None or workspace == "default" or not self.settings.tenant_isolation:
-            return []
+    def _unsandboxed(self, app: AppState) -> list[str]:
+        """The deploy's warning when its calls will fail for want of a sandbox."""
+        reasons = {
+            refusal(
+                sandboxed=self.sandbox is not None,
+                workspace=app.workspace,
+                tenant_isolation=self.settings.tenant_isolation,
+                block_network=pool.spec.block_network,
+            )
+            for pool in app.pools.values()
+        }
         return [
-            f"this server runs no worker sandbox ({self.unsandboxed_why}), so it runs the code of "
-            f"the 'default' workspace only: calls of {workspace!r} will fail until the operator "
-            "installs bubblewrap (see `ember doctor`)"
+            f"this server runs no worker sandbox ({self.unsandboxed_why}); its calls will fail: "
+            + why
+            for why in sorted(r for r in reasons if r is not None)
         ]
 
     async def _prepare(self, app: AppState) -> None:
@@ -371,34 +380,35 @@ class ControlPlane:
             for job_id, stream, line, ts in msg["lines"]:
                 job = w.running.get(job_id) if job_id else None
                 fn = job.function if job else w.pool.unit
-                self.logs.append(
-                    f"{w.pool.workspace}/{w.pool.app}",
-                    fn,
-                    {
-                        "ts": ts,
-                        "job": job_id,
-                        "worker": w.id,
-                        "function": fn,
-                        "stream": stream,
-                        "line": line,
-                    },
-                )
+                self._log(w.pool, w.id, job_id, fn, stream, line, ts)
 
     def _template_log(self, pool: Pool, lines: list[list[Any]]) -> None:
         """What the user's module printed in its template (at import, in snap hooks)."""
         for _, stream, line, ts in lines:
-            self.logs.append(
-                f"{pool.workspace}/{pool.app}",
-                pool.unit,
-                {
-                    "ts": ts,
-                    "job": None,
-                    "worker": "template",
-                    "function": pool.unit,
-                    "stream": stream,
-                    "line": line,
-                },
-            )
+            self._log(pool, "template", None, pool.unit, stream, line, ts)
+
+    def _log(
+        self,
+        pool: Pool,
+        worker: str,
+        job_id: str | None,
+        fn: str,
+        stream: str,
+        line: str,
+        ts: float,
+    ) -> None:
+        self.logs.append(
+            f"{pool.workspace}/{pool.app}",
+            fn,
+            {
+                "ts": ts,
+                "job": job_id,
+                "worker": worker,
+                "function": fn,
+                "stream": stream,
+                "line": line,
+            },
+        )
 
     def _worker_exited(self, w: Worker, code: int) -> None:
         pool = w.pool

@@ -1,0 +1,1 @@
+"""Python environments for functions: their specs, their builds, and the code bundles they run."""

@@ -17,6 +17,19 @@ from typing import Any, Protocol
 from ember.core.placement import Gpu
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """The Python a function's workers run in when it is not the server's own: a built Env."""
+
+    python: Path
+    """Its interpreter (a venv's `bin/python`)."""
+    paths: tuple[Path, ...] = ()
+    """What that interpreter needs to see, read-only, inside a sandbox: the venv, the base
+    interpreter it was made from, ember's runtime directory."""
+    variables: dict[str, str] = field(default_factory=dict)
+    """The Env's own environment variables (`Env.env({...})`); secrets are set after them."""
+
+
 @dataclass
 class Launch:
     """One worker to start: who it is, how it reaches the server, what it runs, on which GPUs."""
@@ -35,6 +48,10 @@ class Launch:
     workspace: str = "default"
     block_network: bool = False
     """No network at all, not even the machine's loopback (`@app.function(block_network=True)`)."""
+    runtime: Runtime | None = None
+    """None: the server's own Python."""
+    root: Path | None = None
+    """The bundle's root (its sys.path entry and working dir); None: the bundle file's dir."""
 
 
 class WorkerProcess(Protocol):
@@ -68,9 +85,23 @@ class Backend(Protocol):
         workspace: str = "default",
         block_network: bool = False,
         on_log: Callable[[list[list[Any]]], None] | None = None,
+        runtime: Runtime | None = None,
+        root: Path | None = None,
     ) -> None:
         """Get ready to start workers of a function version fast (a template, an image);
-        `on_log` takes what the user's code printed while it was being made ready."""
+        `on_log` takes what the user's code printed while it was being made ready. Where
+        templates are off, a check-only import starts instead, so `imported` can still tell."""
+
+    async def imported(self, bundle: Path, unit: str, timeout: float) -> str | None:
+        """Wait until the version's code has been imported where its workers run: None when it
+        imported (or nothing could tell within `timeout`), else the error with its traceback."""
+        ...
+
+    def sweep(self, idle_s: float, budget_bytes: int) -> list[tuple[str, str]]:
+        """Stop templates unused for `idle_s`, and the least recently used beyond a memory
+        budget (`core.templates`); each starts again when a worker of its version is needed.
+        Returns (bundle, unit) of each stopped."""
+        ...
 
     def retire(self, bundle: Path, unit: str) -> None:
         """That version starts no more workers; its running ones are stopped by the plane."""

@@ -17,30 +17,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-from ember.backends.base import Launch
+from ember.backends.base import Launch, Runtime
 from ember.backends.sandbox import CONTROL_SOCKET, Sandbox
+from ember.backends.templates import (
+    ForkedProcess,
+    LogSink,
+    Template,
+    TemplateError,
+)
 from ember.core.isolation import refusal
 from ember.core.names import under
 from ember.core.placement import Gpu
+from ember.core.templates import to_stop
 
 log = logging.getLogger("ember.backend")
 
 
 SERVER_ONLY = ("EMBER_MASTER_KEY", "EMBER_TOKEN")
 """Variables of the server's environment that user code must never see."""
-
-LogSink = Callable[[list[list[Any]]], None]
-"""Where a template's own output goes: `[job, stream, line, ts]` rows, already redacted."""
 
 
 class Unisolated(RuntimeError):
@@ -81,172 +84,6 @@ class LocalProcess:
             os.kill(self.pid, signal.SIGKILL)
 
 
-class ForkedProcess:
-    """A worker forked by a template: the template reaps it and reports its exit code."""
-
-    def __init__(self, pid: int, exited: asyncio.Future[int]) -> None:
-        self.pid = pid
-        self._exited = exited
-
-    async def wait(self) -> int:
-        return await self._exited
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-
-
-class TemplateError(RuntimeError):
-    pass
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] == "Z"
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def _ns_pid(pid: int) -> int | None:
-    """The pid of `pid` in its innermost PID namespace."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def outer_pid(root: int, inner: int, depth: int = 4) -> int | None:
-    """The pid, as this server sees it, of the process below `root` (at most `depth` levels)
-    that is `inner` inside its sandbox's PID namespace: a template reports pids as it sees them."""
-    level = [root]
-    for _ in range(depth):
-        level = [c for pid in level for c in _children(pid)]
-        for pid in level:
-            if _ns_pid(pid) == inner:
-                return pid
-    return None
-
-
-class Template:
-    """The server's side of one template process (see `ember.worker.template`)."""
-
-    def __init__(
-        self,
-        proc: asyncio.subprocess.Process,
-        requests: socket.socket,
-        on_log: LogSink | None,
-        sandboxed: bool,
-    ) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        """The template's own process (in a sandbox, bubblewrap's processes are above it)."""
-        self.sandboxed = sandboxed
-        self.requests = requests
-        """Fork requests go out here, each with the new worker's log file as an fd."""
-        self.on_log = on_log
-        self.ready = False
-        self.settled = asyncio.Event()
-        """Set once the template is ready, has failed, or has exited."""
-        self.retiring = False
-        self._forks: dict[str, asyncio.Future[int]] = {}
-        self._exits: dict[int, asyncio.Future[int]] = {}
-        """By the pid the template reports (its own namespace's)."""
-        self._outer: dict[int, int] = {}
-        """Those pids as the server sees them, where a sandbox makes them differ."""
-        self._reader = asyncio.ensure_future(self._read())
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.returncode is None
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        while line := await self.proc.stdout.readline():
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            t = msg.get("t")
-            if t == "ready":
-                if self.sandboxed:  # its forks are its children: find it once
-                    self.pid = outer_pid(self.proc.pid, msg.get("pid", -1)) or self.proc.pid
-                self.ready = True
-                self.settled.set()
-            elif t == "failed":
-                log.warning("template failed, workers will be started plainly: %s", msg["error"])
-                self.settled.set()
-            elif t == "log" and self.on_log is not None:
-                self.on_log(msg["lines"])
-            elif t == "forked" and (fut := self._forks.pop(msg["worker"], None)):
-                self._exits[msg["pid"]] = loop.create_future()
-                fut.set_result(msg["pid"])
-            elif t == "exited" and (done := self._exits.pop(msg["pid"], None)):
-                self._outer.pop(msg["pid"], None)
-                done.set_result(msg["code"])
-                self._retire_if_done()
-        self.ready = False
-        self.settled.set()
-        self.requests.close()
-        for fut in self._forks.values():
-            fut.set_exception(TemplateError("the template exited"))
-        self._forks.clear()
-        # Its workers outlive it (they watch the server, not the template): poll for their end.
-        while self._exits:
-            await asyncio.sleep(0.05)
-            for pid in [p for p in self._exits if _gone(self._outer.get(p, p))]:
-                self._exits.pop(pid).set_result(-1)
-
-    async def fork(self, launch: Launch, env: dict[str, str], log_path: Path) -> ForkedProcess:
-        if not (self.ready and self.alive) or self.retiring:
-            raise TemplateError("no template ready")
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._forks[launch.worker_id] = fut
-        request = {"worker": launch.worker_id, "secret": launch.secret, "env": env}
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            socket.send_fds(self.requests, [json.dumps(request).encode() + b"\n"], [fd])
-        finally:
-            os.close(fd)
-        inner = await asyncio.wait_for(fut, 10)
-        pid = inner
-        if self.sandboxed:
-            found = outer_pid(self.pid, inner, depth=1)
-            if found is None:
-                raise TemplateError(f"cannot find the forked worker {inner} of the template")
-            pid = self._outer[inner] = found
-        return ForkedProcess(pid, self._exits[inner])
-
-    def retire(self) -> None:
-        """Stop forking; the process ends once every worker it forked has exited."""
-        self.retiring = True
-        self._retire_if_done()
-
-    def _retire_if_done(self) -> None:
-        if self.retiring and not self._exits and self.alive:
-            self.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-
-
 TEMPLATE_WAIT_S = 2.0
 """How long a worker start waits for its template to finish loading before starting plainly."""
 
@@ -276,6 +113,12 @@ class LocalBackend:
         self.isolated_only = isolated_only
         """Without a sandbox, refuse the code of workspaces other than `default`."""
         self.templates: dict[tuple[str, str], Template] = {}
+        self.checks: dict[tuple[str, str], Template] = {}
+        """Check-only imports at deploy, where templates are off."""
+        self.recipes: dict[tuple[str, str], Callable[[], Awaitable[None]]] = {}
+        """How each served version's template is started (again, after an idle stop)."""
+        self.dormant: dict[tuple[str, str], Callable[[], Awaitable[None]]] = {}
+        """Templates stopped for idleness or memory, started again by the next worker start."""
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def _check(self, workspace: str, block_network: bool) -> None:
@@ -300,6 +143,7 @@ class LocalBackend:
             "EMBER_WORKER_ID": launch.worker_id,
             "EMBER_CONTROL": self._control(launch),
             "EMBER_BUNDLE": str(launch.bundle),
+            "EMBER_ROOT": str(launch.root or launch.bundle.parent),
             "EMBER_APP": launch.app,
             "EMBER_UNIT": launch.unit,
             "EMBER_CONCURRENCY": str(launch.concurrency),
@@ -310,17 +154,34 @@ class LocalBackend:
             **launch.env,
         }
 
-    def _command(self, module: str, bundle: Path, block_network: bool) -> list[str]:
-        argv = [sys.executable, "-m", module]
+    def _command(
+        self, module: str, root: Path, block_network: bool, runtime: Runtime | None
+    ) -> list[str]:
+        python = str(runtime.python) if runtime is not None else sys.executable
+        argv = [python, "-m", module]
         if self.sandbox is None:
             return argv
         real_gpus = any(not g.simulated for g in self.inventory)
         return self.sandbox.wrap(
-            argv, bundle_dir=bundle.parent, block_network=block_network, gpus=real_gpus
+            argv,
+            bundle_dir=root,
+            block_network=block_network,
+            gpus=real_gpus,
+            python_paths=[str(p) for p in runtime.paths] if runtime is not None else None,
         )
 
-    def _full_env(self, env: dict[str, str]) -> dict[str, str]:
-        return self.sandbox.env(env) if self.sandbox is not None else {**base_env(), **env}
+    def _full_env(self, env: dict[str, str], runtime: Runtime | None = None) -> dict[str, str]:
+        """A process's whole environment: the sandbox's (or, unsandboxed, the server's), the
+        Env's variables, then the worker's own. In an Env, nothing of the server's Python
+        (PYTHONPATH, its venv) reaches the process."""
+        if runtime is not None:
+            env = {**runtime.variables, **env, "VIRTUAL_ENV": str(runtime.python.parent.parent)}
+        full = self.sandbox.env(env) if self.sandbox is not None else {**base_env(), **env}
+        if runtime is not None:
+            for k in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE"):
+                full.pop(k, None)
+            full["PATH"] = f"{runtime.python.parent}:{full.get('PATH', '/usr/bin:/bin')}"
+        return full
 
     async def prepare(
         self,
@@ -332,14 +193,31 @@ class LocalBackend:
         workspace: str = "default",
         block_network: bool = False,
         on_log: LogSink | None = None,
+        runtime: Runtime | None = None,
+        root: Path | None = None,
     ) -> None:
-        """Start the template of a function version, so that later workers fork from it.
+        """Start the template of a function version, so that later workers fork from it (with
+        templates off: a check-only process that imports the code and exits).
 
         Its secrets are in its environment from the start, as they would be in a plainly started
         worker: the user's module may read them at import."""
         key = (str(bundle), unit)
-        if not self.use_templates or key in self.templates:
+        self.dormant.pop(key, None)
+        if key in self.templates or key in self.checks:
             return
+        self.recipes[key] = functools.partial(
+            self.prepare,
+            bundle,
+            app,
+            unit,
+            secrets,
+            workspace=workspace,
+            block_network=block_network,
+            on_log=on_log,
+            runtime=runtime,
+            root=root,
+        )
+        root = root or bundle.parent
         try:
             self._check(workspace, block_network)
         except Unisolated:
@@ -347,28 +225,29 @@ class LocalBackend:
         env = self._full_env(
             {
                 "EMBER_BUNDLE": str(bundle),
+                "EMBER_ROOT": str(root),
                 "EMBER_APP": app,
                 "EMBER_UNIT": unit,
                 "EMBER_TEMPLATE": "1",
+                "EMBER_TEMPLATE_CHECK": "" if self.use_templates else "1",
                 "EMBER_SERVER_PID": "" if self.sandbox else str(os.getpid()),
                 "PYTHONUNBUFFERED": "1",
                 **(secrets or {}),
-            }
+            },
+            runtime,
         )
-        log_path = under(
-            self.log_dir, f"template-{workspace}-{app}-{unit}-{bundle.parent.name}.log"
-        )
+        log_path = under(self.log_dir, f"template-{workspace}-{app}-{unit}-{root.name}.log")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.settimeout(5)
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._command("ember.worker.template", bundle, block_network),
+                *self._command("ember.worker.template", root, block_network, runtime),
                 stdin=theirs.fileno(),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=fd,
                 env=env,
-                cwd=str(bundle.parent),
+                cwd=str(root),
                 start_new_session=True,
             )
         except BaseException:
@@ -377,16 +256,55 @@ class LocalBackend:
         finally:
             theirs.close()
             os.close(fd)
-        self.templates[key] = Template(proc, ours, on_log, self.sandbox is not None)
+        template = Template(proc, ours, on_log, self.sandbox is not None)
+        if self.use_templates:
+            self.templates[key] = template
+        else:
+            self.checks[key] = template
+
+    async def imported(self, bundle: Path, unit: str, timeout: float) -> str | None:
+        key = (str(bundle), unit)
+        template = self.templates.get(key) or self.checks.get(key)
+        if template is None:
+            return None  # none could start here (no sandbox for its workspace): starts say why
+        try:
+            await asyncio.wait_for(template.settled.wait(), timeout)
+        except TimeoutError:
+            log.warning("%s of %s still importing after %.0f s", unit, bundle, timeout)
+            return None
+        finally:
+            if self.checks.pop(key, None) is not None:
+                template.close()
+        return None if template.loaded else (template.error or "the code failed to import")
+
+    def sweep(self, idle_s: float, budget_bytes: int) -> list[tuple[str, str]]:
+        """Stop the templates `core.templates.to_stop` picks; each starts again on demand."""
+        facts = [t.facts(k) for k, t in self.templates.items() if t.ready and t.alive]
+        stopped = []
+        for key in to_stop(facts, idle_s, budget_bytes):
+            assert isinstance(key, tuple)
+            template = self.templates.pop(key)
+            template.retire()
+            if key in self.recipes:
+                self.dormant[key] = self.recipes[key]
+            stopped.append(key)
+            log.info("stopped the idle template of %s (%s); it restarts on demand", key[1], key[0])
+        return stopped
 
     def retire(self, bundle: Path, unit: str) -> None:
+        self.dormant.pop((str(bundle), unit), None)
+        self.recipes.pop((str(bundle), unit), None)
+        check = self.checks.pop((str(bundle), unit), None)
+        if check is not None:
+            check.close()
         template = self.templates.pop((str(bundle), unit), None)
         if template is not None:
             template.retire()
 
     async def close(self) -> None:
         """Stop every template (their workers are stopped before this) and wait for them."""
-        templates, self.templates = list(self.templates.values()), {}
+        templates = [*self.templates.values(), *self.checks.values()]
+        self.templates, self.checks = {}, {}
         for template in templates:
             template.close()
         for template in templates:
@@ -397,7 +315,11 @@ class LocalBackend:
         self._check(launch.workspace, launch.block_network)
         env = self._env(launch)
         log_path = under(self.log_dir, f"{launch.worker_id}.log")
-        template = self.templates.get((str(launch.bundle), launch.unit))
+        key = (str(launch.bundle), launch.unit)
+        if key in self.dormant:  # stopped for being idle: back on demand
+            with contextlib.suppress(OSError):
+                await self.dormant.pop(key)()
+        template = self.templates.get(key)
         if template is not None and not template.settled.is_set():
             # Started at deploy, it is usually ready by the first call; a little wait for it
             # beats a plain start, which costs more than the rest of its import.
@@ -411,12 +333,17 @@ class LocalBackend:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._command("ember.worker", launch.bundle, launch.block_network),
+                *self._command(
+                    "ember.worker",
+                    launch.root or launch.bundle.parent,
+                    launch.block_network,
+                    launch.runtime,
+                ),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=fd,
                 stderr=fd,
-                env=self._full_env(env),
-                cwd=str(launch.bundle.parent),
+                env=self._full_env(env, launch.runtime),
+                cwd=str(launch.root or launch.bundle.parent),
                 start_new_session=True,
             )
         finally:

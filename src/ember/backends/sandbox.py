@@ -100,7 +100,7 @@ def _probe(bwrap: str | None) -> str | None:
     return None
 
 
-def python_paths() -> list[str]:
+def server_python_paths() -> list[str]:
     """The directories the server's Python and its packages live in, and ember's own source
     (an editable install keeps it outside site-packages)."""
     paths = {
@@ -205,13 +205,19 @@ class Sandbox:
         bundle_dir: Path,
         block_network: bool = False,
         gpus: bool = False,
+        python_paths: list[str] | None = None,
     ) -> list[str]:
-        """`argv` run inside a new sandbox that sees `bundle_dir` (read-only)."""
+        """`argv` run inside a new sandbox that sees `bundle_dir` (read-only), and the server's
+        Python, or (`python_paths`) only those paths and ember's own package: a built Env."""
         data = os.path.realpath(self.data_dir)
-        code = python_paths()
+        if python_paths is None:
+            code = server_python_paths()
+        else:
+            ember_pkg = str(Path(ember.__file__).resolve().parent)
+            code = _outermost(os.path.realpath(p) for p in [*python_paths, ember_pkg])
         args = [self.bwrap, *_base_args(code, self.as_root)]
         for path in code:  # a data dir inside Python's tree (unusual) stays hidden all the same
-            if data == path or data.startswith(path.rstrip("/") + "/"):
+            if python_paths is None and (data == path or data.startswith(path.rstrip("/") + "/")):
                 args += ["--tmpfs", data]
         args += ["--ro-bind", "/sys", "/sys"]
         if gpus:

@@ -57,13 +57,16 @@ class Server(LocalServer):
             headers["Authorization"] = f"Bearer {token}"
         return httpx.request(method, self.url + path, headers=headers, timeout=60, **kw)
 
-    def deploy(self, source: str, filename: str = "app_under_test.py") -> dict[str, Any]:
-        """Write `source` (dedented) next to the data dir and deploy it like `ember deploy`."""
+    def deploy(
+        self, source: str, filename: str = "app_under_test.py", *, wait: bool = True
+    ) -> dict[str, Any]:
+        """Write `source` (dedented) next to the data dir and deploy it like `ember deploy`
+        (`wait=False`: like `ember deploy --no-wait`)."""
         from ember.sdk.deploy import deploy_file
 
         path = self.data_dir.parent / filename
         path.write_text(textwrap.dedent(source))
-        return deploy_file(path, client=self.client)[0]
+        return deploy_file(path, client=self.client, wait=wait)[0]
 
     def function(self, app: str, name: str) -> ember.Function:
         return ember.Function.lookup(app, name, client=self.client)

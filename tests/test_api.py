@@ -418,6 +418,9 @@ def test_every_v1_route_needs_the_token(api: Server, header: str | None) -> None
     headers = {"Authorization": header} if header is not None else {}
     for method, path in routes:
         resp = api.http(method, path, token=None, headers=headers, json={"input": {}})
+        if method == "HEAD":  # an answer to HEAD has no body to read
+            assert resp.status_code == 401, (method, path)
+            continue
         err = assert_error(resp, 401)
         assert err["code"] == "unauthorized", (method, path)
     # the hint names the token file, never the token
@@ -684,6 +687,7 @@ def _manifest(**changes: Any) -> dict[str, Any]:
         ({"spec_memory_mib": 1e300}, ["memory"]),
         ({"spec_cpu": -1}, ["cpu"]),
         ({"spec_env": "no-such-env"}, ["no-such-env", "environment"]),
+        ({"spec_env": "env-0123456789abcdef"}, ["env-0123456789abcdef", "POST /v1/envs"]),
         ({"spec_env": 3}, ["env"]),
     ],
 )
@@ -697,12 +701,31 @@ def test_bad_deploy_manifests_are_422(
 
 
 def test_a_good_manifest_deploys_and_a_redeploy_bumps_the_version(api: Server) -> None:
-    m = _manifest(name="manifest2", source="import ember\napp = ember.App('manifest2')\n")
+    source = "import ember\napp = ember.App('manifest2')\n@app.function\ndef f(x: int): return x\n"
+    m = _manifest(name="manifest2", source=source)
     first = api.http("POST", "/v1/apps", json=m)
     assert first.status_code == 201, first.text
-    assert first.json() == {"app": "manifest2", "version": 1, "functions": ["f"], "warnings": []}
+    assert first.json() == {
+        "app": "manifest2",
+        "version": 1,
+        "functions": ["f"],
+        "bundle": None,
+        "envs": {},
+        "warnings": [],
+    }
     second = api.http("POST", "/v1/apps", json=m)
     assert second.json()["version"] == 2
+
+
+def test_a_manifest_whose_code_does_not_define_its_functions_deploys_nothing(
+    api: Server,
+) -> None:
+    m = _manifest(name="manifest3", source="import ember\napp = ember.App('manifest3')\n")
+    err = assert_error(api.http("POST", "/v1/apps", json=m), 422, "has no function or class 'f'")
+    assert "not deployed" in err["message"]
+    assert_error(api.http("GET", "/v1/apps/manifest3"), 404)
+    # `wait: false` stores it as before: nothing imports it until a call does
+    assert api.http("POST", "/v1/apps", json={**m, "wait": False}).status_code == 201
 
 
 @pytest.mark.parametrize("body", [b"", b"[]", b"null", b"{", b'"app"'])

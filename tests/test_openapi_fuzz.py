@@ -33,7 +33,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import CheckFunction
 
-from conftest import Server, result, spawn
+from conftest import Server, result, spawn, wait_for
 
 APP = """
 import ember
@@ -59,6 +59,8 @@ SEMANTIC = {
     "keys are reserved (EMBER_*, PATH, HOME, ...)",
     "GET /v1/usage": "since/until are epoch seconds or ISO 8601; group_by names known fields",
     "GET /v1/audit": "since/until are epoch seconds or ISO 8601",
+    "PUT /v1/bundles/{digest}": "the body must be a zip archive whose sha256 is the digest",
+    "POST /v1/envs": "packages must be requirements of packages the index has, with wheels",
 }
 """Operations whose input the server checks for meaning beyond what a JSON Schema can say, so
 that some schema-valid requests get a deliberate 422: `positive_data_acceptance` is off for
@@ -185,7 +187,20 @@ def pinned(live: Server, job_id: str) -> dict[str, str]:
     ):
         resp = live.http(method, path, json=body)
         assert resp.status_code < 300, resp.text
-    return {"app": "fuzz", "fn": "square", "job_id": job_id, "name": PINNED}
+    env = live.http("POST", "/v1/envs", json={"spec": {"variables": {"FUZZ": "1"}}}).json()
+    wait_for(
+        lambda: live.http("GET", f"/v1/envs/{env['id']}").status_code == 200,
+        timeout=120,
+        what="the pinned Env to build",
+    )
+    return {
+        "app": "fuzz",
+        "fn": "square",
+        "job_id": job_id,
+        "name": PINNED,
+        "digest": live.http("GET", "/v1/apps/fuzz").json()["bundle"],
+        "env_id": env["id"],
+    }
 
 
 @schema.include(path_regex=r"\{").parametrize()

@@ -22,10 +22,13 @@ def count(n: int):
 
 def test_deploy_and_call(server: Server) -> None:
     deployed = server.deploy(SOURCE)
+    bundle = deployed.pop("bundle")
+    assert len(bundle) == 64  # the sha256 of the uploaded code
     assert deployed == {
         "app": "smoke",
         "version": 1,
         "functions": ["square", "count"],
+        "envs": {},
         "warnings": [],
     }
     square = server.function("smoke", "square")

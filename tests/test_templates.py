@@ -6,6 +6,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+import ember
 from conftest import UNSANDBOXED, Server, pid_alive, wait_for, worker_pids
 
 SOURCE = """
@@ -75,14 +78,18 @@ def test_a_template_that_fails_falls_back_to_plain_workers(
     server = make_server(*UNSANDBOXED)
     # the snap hook fails only in a template (it has no CUDA_VISIBLE_DEVICES of its own choosing
     # and the marker below), so plain workers still serve with the same behaviour
-    server.deploy(
-        SOURCE.replace(
-            "self.loaded_in = os.getpid()",
-            "self.loaded_in = os.getpid()\n"
-            "        if os.environ.get('EMBER_TEMPLATE'):\n"
-            "            raise RuntimeError('no template for me')",
-        )
+    failing = SOURCE.replace(
+        "self.loaded_in = os.getpid()",
+        "self.loaded_in = os.getpid()\n"
+        "        if os.environ.get('EMBER_TEMPLATE'):\n"
+        "            raise RuntimeError('no template for me')",
     )
+    # a deploy that waits says so, with the traceback, and deploys nothing
+    with pytest.raises(ember.InvalidInput, match=r"(?s)line 17, in load.*no template for me"):
+        server.deploy(failing)
+    assert server.http("GET", "/v1/apps").json()["apps"] == []
+    # one that does not wait (`ember deploy --no-wait`) serves from plain workers
+    server.deploy(failing, wait=False)
     template_log = wait_for(
         lambda: list((server.data_dir / "logs" / "workers").glob("template-*.log"))
     )[0]
@@ -118,3 +125,22 @@ def test_a_killed_server_leaves_no_template_or_fork_behind(
     wait_for(lambda: not worker_pids(data_dir), timeout=10, what="template and worker to exit")
     assert not pid_alive(out["pid"]) and not pid_alive(out["ppid"])
     assert os.path.exists(data_dir)
+
+
+def test_an_idle_template_stops_and_the_next_call_starts_it_again(
+    make_server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMBER_TEMPLATE_IDLE", "1s")
+    server = make_server(*UNSANDBOXED)
+    server.deploy(SOURCE.replace("idle_timeout=60", "idle_timeout=0.5"))
+    info = server.function("tpl", "Model.info")
+    first = info.remote()
+    template = first["ppid"]
+    assert first["loaded_in"] == template
+    # the worker idles out, then the template, which forked nothing for a second: memory goes too
+    wait_for(lambda: not pid_alive(first["pid"]), what="the worker to scale to zero")
+    wait_for(lambda: not pid_alive(template), what="the idle template to stop")
+    # the next call brings a new template back and forks from it
+    second = info.remote()
+    assert second["ppid"] != template and second["loaded_in"] == second["ppid"]
+    assert pid_alive(second["ppid"])

@@ -295,7 +295,10 @@ def test_a_template_that_fails_reports_and_logs_no_secret(tmp_path: Path) -> Non
         return got
 
     msg, logs = asyncio.run(main())
+    traceback = msg.pop("traceback")  # what a waiting deploy shows: redacted as well
     assert msg == {"t": "failed", "error": "RuntimeError: cannot log in with '[secret]'"}
+    assert "RuntimeError: cannot log in with '[secret]'" in traceback
+    assert TOKEN not in traceback
     log = (tmp_path / "template.log").read_text()
     assert "RuntimeError: cannot log in with '[secret]'" in log
     assert TOKEN not in log

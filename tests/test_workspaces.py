@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from conftest import Server, wait_for
+from ember.envs.bundle import collect
 from ember.sdk.deploy import load_apps, manifest
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -105,6 +106,48 @@ def deploy_body(tmp: Path, source: str) -> dict[str, Any]:
     return manifest(app, path.name, text)
 
 
+def built_env(srv: Server, token: str, variables: dict[str, str]) -> str:
+    """The id of a new Env of the workspace (the standard base, nothing added: quick to build),
+    once it is built."""
+    resp = srv.http("POST", "/v1/envs", token=token, json={"spec": {"variables": variables}})
+    assert resp.status_code in (200, 202), resp.text
+    view = resp.json()
+    path = f"/v1/envs/{view['id']}"
+
+    def ready() -> bool:
+        status = ok(srv.http("GET", path, token=token, params={"build": 1}))["status"]
+        assert status != "failed"
+        return bool(status == "ready")
+
+    wait_for(ready, timeout=120, what=f"Env {view['id']} to build")
+    return str(view["id"])
+
+
+def bundle_body(
+    srv: Server, token: str, tmp: Path, source: str, env_id: str
+) -> tuple[dict[str, Any], str]:
+    """The bundle of `source` uploaded, and the body `ember deploy` then sends for it, its
+    function in the Env `env_id`; (body, the bundle's digest)."""
+    code = tmp / unique("code_")
+    code.mkdir()
+    path = code / "main.py"
+    path.write_text(source)
+    bundle = collect(path)
+    headers = {"content-type": "application/zip"}
+    url = f"/v1/bundles/{bundle.digest}"
+    ok(srv.http("PUT", url, token=token, content=bundle.data, headers=headers), 201)
+    [app], _ = load_apps(path)
+    body = {
+        "name": app.name,
+        "tags": app.tags,
+        "filename": bundle.filename,
+        "bundle": bundle.digest,
+        "module": bundle.module,
+        "functions": app.manifest({unit: env_id for unit in app.units}),
+    }
+    return body, bundle.digest
+
+
 def finished(srv: Server, token: str, job_id: str) -> dict[str, Any]:
     def ended() -> dict[str, Any] | None:
         body: dict[str, Any] = ok(
@@ -150,6 +193,8 @@ class Tenant:
     secret: str
     secret_key: str
     job: str
+    bundle: str = ""
+    env: str = ""
 
     def identifiers(self) -> dict[str, str]:
         """What must never show up in another workspace's answers."""
@@ -162,6 +207,8 @@ class Tenant:
             "secret": self.secret,
             "secret key": self.secret_key,
             "job": self.job,
+            "bundle": self.bundle,
+            "env": self.env,
         }
 
 
@@ -188,7 +235,9 @@ def populate(srv: Server, tmp: Path, tag: str) -> Tenant:
     )
     values = {"values": {t.secret_key: f"value-{s}"}}
     ok(srv.http("PUT", f"/v1/secrets/{t.secret}", token=admin, json=values))
-    body = deploy_body(tmp, app_source(t.app, t.fn, secret=t.secret, gpu=True))
+    t.env = built_env(srv, admin, {"TENANT": s})
+    source = app_source(t.app, t.fn, secret=t.secret, gpu=True)
+    body, t.bundle = bundle_body(srv, admin, tmp, source, t.env)
     ok(srv.http("POST", "/v1/apps", token=admin, json=body), 201)
     run = {"input": {"x": 3}}
     t.job = ok(srv.http("POST", f"/v1/apps/{t.app}/{t.fn}/run", token=admin, json=run), 202)["id"]
@@ -212,6 +261,9 @@ def state_of(srv: Server, t: Tenant) -> dict[str, Any]:
         "policy": ok(srv.http("GET", f"/v1/policies/{t.policy}", token=a))["name"],
         "secret": ok(srv.http("GET", f"/v1/secrets/{t.secret}", token=a)),
         "workspaces": ok(srv.http("GET", "/v1/workspaces"))["workspaces"],
+        "bundle": srv.http("HEAD", f"/v1/bundles/{t.bundle}", token=a).status_code,
+        "envs": [e["id"] for e in ok(srv.http("GET", "/v1/envs", token=a))["envs"]],
+        "lock": srv.http("GET", f"/v1/envs/{t.env}/lock", token=a).text,
     }
 
 
@@ -333,6 +385,10 @@ def test_nothing_of_one_workspace_is_seen_or_touched_from_another(
             return b.fn
         if param == "job_id":
             return b.job
+        if param == "digest":
+            return b.bundle
+        if param == "env_id":
+            return b.env
         kind = path.split("/")[2]
         named = {"tokens": b.token_name, "policies": b.policy, "secrets": b.secret}
         if param == "name" and kind in named:
@@ -346,7 +402,7 @@ def test_nothing_of_one_workspace_is_seen_or_touched_from_another(
         if srv.http(method, placeholder, token=None).status_code != 401:
             assert label in PUBLIC, f"{label} answers without a token"
             continue
-        if method not in ("GET", "POST", "PUT", "DELETE"):
+        if method not in ("GET", "HEAD", "POST", "PUT", "DELETE"):
             pytest.fail(f"{label}: a method this test does not know; teach it")
         if path_params(path):
             on_one.append((method, path, op))
@@ -373,6 +429,12 @@ def test_nothing_of_one_workspace_is_seen_or_touched_from_another(
         label = f"{method} {path}"
         url = path.format(**{p: b_value(path, p) for p in path_params(path)})
         body = None
+        if label == "PUT /v1/bundles/{digest}":
+            # A cannot overwrite B's code under B's digest: bytes that are not it are refused
+            resp = srv.http(method, url, token=a, content=b"PK\x05\x06" + bytes(18))
+            assert resp.status_code == 422 and "sha256" in resp.text, resp.text
+            assert srv.http("HEAD", url, token=a).status_code == 404
+            continue
         if "requestBody" in op:
             assert label in BODIES, f"{label} takes a body: add a valid one to BODIES"
             body = BODIES[label]
@@ -392,12 +454,15 @@ def test_nothing_of_one_workspace_is_seen_or_touched_from_another(
         "POST /v1/tokens": ({"name": b.token_name, "scope": "read"}, 201),
         "POST /v1/policies": ({"name": b.policy}, 201),
         "POST /v1/apps": (deploy_body(tmp_path, app_source(b.app, b.fn)), 201),
+        # an Env of the same content: A's own record (content-addressed, so the same id)
+        "POST /v1/envs": ({"spec": {"variables": {"TENANT": b.env}}}, 202),
+        "DELETE /v1/envs": (None, 200),  # prunes A's, never B's
     }
     for label in creates:
         assert label in creates_with_b_names, f"{label}: teach this test what it creates"
         body, status = creates_with_b_names[label]
         resp = srv.http(*label.split(" "), token=a, json=body)
-        assert resp.status_code == status, f"{label} by A with B's names: {resp.text}"
+        assert resp.status_code in (status, 200), f"{label} by A with B's names: {resp.text}"
         assert b.workspace not in resp.text and b.job not in resp.text, resp.text
     # A's app is an app of its own: a first version, not B's second
     assert ok(srv.http("GET", f"/v1/apps/{b.app}", token=a))["version"] == 1
@@ -424,6 +489,14 @@ SCOPE_TABLE: list[tuple[str, str, str]] = [
     ("GET", "/v1/workers", "read"),
     ("GET", "/v1/policies", "read"),
     ("GET", "/v1/policies/{name}", "read"),
+    ("HEAD", "/v1/bundles/{digest}", "read"),
+    ("GET", "/v1/bundles/{digest}", "read"),
+    ("GET", "/v1/envs", "read"),
+    ("GET", "/v1/envs/{env_id}", "read"),
+    ("GET", "/v1/envs/{env_id}/lock", "read"),
+    ("PUT", "/v1/bundles/{digest}", "deploy"),
+    ("POST", "/v1/envs", "deploy"),
+    ("DELETE", "/v1/envs", "deploy"),
     ("POST", "/v1/apps/{app}/{fn}/run", "invoke"),
     ("POST", "/v1/apps/{app}/{fn}/runsync", "invoke"),
     ("POST", "/v1/jobs/{job_id}/cancel", "invoke"),
@@ -454,7 +527,13 @@ def test_each_scope_does_what_the_table_says_and_no_more(srv: Server, tmp_path: 
     admin = create_workspace(srv, unique("scopes-"))
     app, fn = unique("app"), unique("fn")
     source = app_source(app, fn, secret=None)
-    ok(srv.http("POST", "/v1/apps", token=admin, json=deploy_body(tmp_path, source)), 201)
+    env_id = built_env(srv, admin, {"SCOPES": app})
+    first, digest = bundle_body(srv, admin, tmp_path, source, env_id)
+    other = tmp_path / "scopes" / "main.py"  # a second bundle, for PUT
+    other.parent.mkdir()
+    other.write_text(source)
+    zipped = collect(other)
+    ok(srv.http("POST", "/v1/apps", token=admin, json=first), 201)
     job = ok(srv.http("POST", f"/v1/apps/{app}/{fn}/run", token=admin, json={"input": {}}), 202)
     finished(srv, admin, job["id"])
     ok(srv.http("POST", "/v1/policies", token=admin, json={"name": "pol"}), 201)
@@ -466,8 +545,16 @@ def test_each_scope_does_what_the_table_says_and_no_more(srv: Server, tmp_path: 
         fresh = f"{scope}-made"
         names = {"policies": "pol", "secrets": "sec"} if method == "GET" else {}
         url = path.format(
-            app=app, fn=fn, job_id=job["id"], name=names.get(path.split("/")[2], fresh)
+            app=app,
+            fn=fn,
+            job_id=job["id"],
+            name=names.get(path.split("/")[2], fresh),
+            digest=digest if method != "PUT" else zipped.digest,
+            env_id=env_id,
         )
+        if f"{method} {path}" == "PUT /v1/bundles/{digest}":
+            headers = {"content-type": "application/zip"}
+            return srv.http(method, url, token=tokens[scope], content=zipped.data, headers=headers)
         body: Any = {
             "POST /v1/apps/{app}/{fn}/run": {"input": {"x": 2}},
             "POST /v1/apps/{app}/{fn}/runsync": {"input": {"x": 2}},
@@ -475,6 +562,7 @@ def test_each_scope_does_what_the_table_says_and_no_more(srv: Server, tmp_path: 
             "POST /v1/tokens": {"name": fresh, "scope": "read"},
             "POST /v1/policies": {"name": fresh},
             "PUT /v1/secrets/{name}": {"values": {"K": "value"}},
+            "POST /v1/envs": {"spec": {"variables": {"SCOPES": app}}},
         }.get(f"{method} {path}")
         return srv.http(method, url, token=tokens[scope], json=body)
 

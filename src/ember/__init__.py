@@ -26,6 +26,7 @@ from ember.errors import (
 )
 from ember.sdk.app import App
 from ember.sdk.cls import Cls
+from ember.sdk.env import Env
 from ember.sdk.function import Function
 from ember.sdk.hooks import enter, exit, method
 from ember.sdk.job import Job
@@ -46,6 +47,7 @@ __all__ = [
     "AuthError",
     "Cls",
     "EmberError",
+    "Env",
     "Function",
     "InvalidInput",
     "InvalidSpec",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -14,7 +16,7 @@ from ember.config import TOKEN_FILE
 from ember.control.settings import Settings
 from ember.core.placement import GIB, Gpu, parse_declared
 from ember.core.pricing import PriceError, PriceTable, parse_prices
-from ember.core.quotas import Quotas
+from ember.core.quotas import Quotas, duration_text, parse_duration, parse_size, size_text
 
 
 class ServerConfigError(ValueError):
@@ -99,6 +101,21 @@ def describe_sandbox(mode: str, tenant_isolation: bool) -> str:
     )
 
 
+def _housekeeping() -> dict[str, Any]:
+    """Template and bundle limits from the environment (docs/environments.md)."""
+    out: dict[str, Any] = {}
+    try:
+        if raw := os.environ.get("EMBER_TEMPLATE_IDLE"):
+            out["template_idle_s"] = parse_duration(raw)
+        if raw := os.environ.get("EMBER_TEMPLATE_MEMORY"):
+            out["template_memory"] = parse_size(raw)
+        if raw := os.environ.get("EMBER_BUNDLE_LIMIT"):
+            out["bundle_limit"] = parse_size(raw)
+    except ValueError as exc:
+        raise ServerConfigError(str(exc)) from None
+    return out
+
+
 def serve(
     *,
     host: str,
@@ -133,6 +150,7 @@ def serve(
         raise ServerConfigError(str(exc)) from None
     # TLS is done by the connection guard, so that a handshake counts against its deadline and cap
     tls = connections.tls_context(str(tls_cert), str(tls_key)) if tls_cert and tls_key else None
+    housekeeping = _housekeeping()
     settings = Settings(
         data_dir=data_dir,
         inventory=inventory(gpus),
@@ -144,6 +162,7 @@ def serve(
         quotas=quotas or Quotas(),
         sandbox=sandbox,
         tenant_isolation=tenant_isolation,
+        **housekeeping,
     )
     isolation = describe_sandbox(sandbox, tenant_isolation)
     app = create_app(settings, max_payload=max_payload, db_url=db_url)
@@ -176,5 +195,12 @@ def serve(
     print(f"durability: {durability} (an accepted job survives {survives})", flush=True)
     print(settings.quotas.describe(), flush=True)
     print(isolation, flush=True)
+    print(
+        f"templates: each stops after {duration_text(settings.template_idle_s)} unused, "
+        f"{size_text(settings.template_memory)} across all (EMBER_TEMPLATE_IDLE, "
+        f"EMBER_TEMPLATE_MEMORY); bundles up to {size_text(settings.bundle_limit)} "
+        "(EMBER_BUNDLE_LIMIT)",
+        flush=True,
+    )
     tune_gc()
     server.run()

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp
 
 from ember import __version__
-from ember.api import admin, errors, tenancy
+from ember.api import admin, environments, errors, tenancy
 from ember.api.auth import Auth, Principal, ensure_token
 from ember.api.invoke import Invoke
 from ember.api.limits import PayloadLimit
@@ -79,5 +79,8 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     app.include_router(router)
     app.include_router(tenancy.router)
     app.include_router(admin.router)
-    # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request.
-    return PayloadLimit(Invoke(app), max_bytes=max_payload)
+    app.include_router(environments.router)
+    # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request, but
+    # a bundle upload, whose own limit is the bundle's (checked again as it is unpacked).
+    bundle_max = max(max_payload, settings.bundle_limit + (1 << 20))
+    return PayloadLimit(Invoke(app), max_bytes=max_payload, overrides={"/v1/bundles/": bundle_max})

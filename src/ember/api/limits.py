@@ -16,20 +16,28 @@ def _too_large(limit: int) -> ApiException:
 
 
 class PayloadLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None
+    ) -> None:
+        self.app, self.default = app, max_bytes
+        self.overrides = overrides or {}
+        """Path prefix -> its own limit (a bundle upload's is the bundle limit)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.default
+        for prefix, limit in self.overrides.items():
+            if scope["path"].startswith(prefix):
+                max_bytes = limit
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
                 body = (
                     b'{"error":{"code":"payload_too_large","message":"request body of '
                     + value
                     + b" bytes is over the "
-                    + str(self.max_bytes).encode()
+                    + str(max_bytes).encode()
                     + b' byte limit (set by ember server --max-payload)"}}'
                 )
                 await send(
@@ -52,8 +60,8 @@ class PayloadLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _too_large(self.max_bytes)
+                if seen > max_bytes:
+                    raise _too_large(max_bytes)
             return msg
 
         await self.app(scope, limited, send)

@@ -86,18 +86,66 @@ class Health(BaseModel):
 
 class DeployRequest(BaseModel):
     name: str = Field(pattern=POLICY_NAME_PATTERN)
-    filename: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
-    source: str
+    filename: str = Field(
+        description="the deployed file: `hello.py`, or its path in the bundle (`pkg/main.py`)"
+    )
+    source: str | None = Field(None, description="the file's text, for a one-file deploy")
+    bundle: str | None = Field(
+        None, description="the sha256 of a bundle uploaded with PUT /v1/bundles/{digest}"
+    )
+    module: str | None = Field(None, description="the bundle's module that defines the app")
+    wait: bool = Field(
+        True, description="answer once each function's code has imported (false: at once)"
+    )
     tags: dict[str, str] = Field(default_factory=dict)
     functions: list[dict[str, Any]] = Field(
         min_length=1, description="what `ember deploy` sends for each function"
     )
 
 
+class BundleInfo(BaseModel):
+    digest: str
+    size: int | None = Field(None, description="bytes of its files, uncompressed")
+    files: int | None = None
+
+
+class EnvSpecBody(BaseModel):
+    base: Literal["standard", "ai"] = "standard"
+    python: str | None = Field(None, pattern=r"^3\.\d{1,2}$")
+    packages: list[str] = Field(default_factory=list, description="requirements: `pkg==1.2`")
+    lock: list[str] | None = Field(None, description="`name==version --hash=...` lines")
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+class EnvRequest(BaseModel):
+    spec: EnvSpecBody
+
+
+class EnvView(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    status: Literal["building", "ready", "failed"]
+    spec: dict[str, Any]
+    used_by: list[str] = Field(
+        default_factory=list, description="the deployed versions whose functions run in it"
+    )
+
+
+class EnvList(BaseModel):
+    envs: list[EnvView]
+
+
+class EnvPruned(BaseModel):
+    removed: list[str]
+    dry_run: bool
+
+
 class Deployed(BaseModel):
     app: str
     version: int
     functions: list[str]
+    bundle: str | None = None
+    envs: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list, description="e.g. a GPU no node has")
 
 
@@ -117,6 +165,11 @@ class AppInfo(BaseModel):
     functions: list[FunctionInfo]
     created_at: float
     updated_at: float
+    bundle: str | None = Field(None, description="the sha256 of its code bundle")
+    module: str | None = None
+    envs: dict[str, str] = Field(
+        default_factory=dict, description="the Env id of each function or class that has one"
+    )
 
 
 class AppList(BaseModel):

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ember import config
 from ember.cli import admin
 from ember.cli.common import ago, api_client, epoch, err, fail, out, print_json, request
+from ember.cli.envs import env_app
 from ember.errors import EmberError
 
 app = typer.Typer(
@@ -216,23 +216,24 @@ def server(
 @app.command()
 def deploy(
     file: Annotated[Path, typer.Argument(help="a Python file that defines an ember.App")],
+    no_wait: Annotated[
+        bool,
+        typer.Option(
+            "--no-wait", help="return once the version is stored, before its code is imported"
+        ),
+    ] = False,
 ) -> None:
-    """Deploy the apps a Python file defines (the file's source is uploaded as a new version)."""
-    from ember.sdk.deploy import deploy_file
+    """Deploy the apps a Python file defines, as a new version of each.
 
-    try:
-        results = deploy_file(file)
-    except EmberError as exc:
-        fail(exc)
-    for r in results:
-        out.print(
-            f"[green]deployed[/green] app [bold]{r['app']}[/bold] version {r['version']}: "
-            + ", ".join(r["functions"])
-        )
-        for fn in r["functions"]:
-            out.print(f"  ember call {r['app']}/{fn} --data '{{...}}'")
-        for warning in r.get("warnings", []):
-            err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    Uploads the code of the package or directory the file lives in (less what .emberignore
+    excludes), builds each function's ember.Env on the server (once per content; a progress
+    line per Env), and returns once every function's code has imported there: an import error
+    fails the deploy with its traceback and the version before keeps serving. See
+    docs/environments.md.
+    """
+    from ember.cli.deploying import report, run_deploy
+
+    report(run_deploy(file, wait=not no_wait), wait=not no_wait)
 
 
 @app.command()
@@ -471,6 +472,7 @@ def nodes() -> None:
 
 
 admin.register(app)  # workspace, token, policy, secret, audit, doctor
+app.add_typer(env_app)
 
 
 def main() -> None:

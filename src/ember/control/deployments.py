@@ -8,26 +8,38 @@ and carried out by the plane. Where a function's secrets come from is asked of t
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
+from ember.backends.base import Runtime
 from ember.control.errors import NotFoundError, job_error
 from ember.control.manifest import DeployError, validate_manifest
 from ember.control.records import AppState, FunctionMeta, Job, Pool
 from ember.core.names import under
 from ember.core.placement import Gpu, Never, place
 from ember.core.spec import FunctionSpec
+from ember.envs.bundle import DEFAULT_LIMIT, BundleError, digest_of, extract, open_bundle
 from ember.store import tables
 from ember.store.writer import Writer
 
+log = logging.getLogger("ember.control")
+
 SecretEnv = Callable[[str, tuple[str, ...]], dict[str, str]]
 """(workspace, secret names) -> the environment those secrets give a function's workers."""
+RuntimeOf = Callable[[str, str], Runtime | None]
+"""(workspace, Env id) -> how workers run in that built Env, or None if the workspace has none."""
+Ready = Callable[[AppState, bool], Awaitable[None]]
+"""Gets a staged version ready to serve (its templates) and raises DeployError if its code
+does not import; only then does the version become current."""
 
 
 @dataclass
@@ -41,17 +53,33 @@ class Retired:
 
 
 class Deployments:
-    def __init__(self, data_dir: Path, secret_env: SecretEnv) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        secret_env: SecretEnv,
+        runtime_of: RuntimeOf,
+        bundle_limit: int = DEFAULT_LIMIT,
+    ) -> None:
         self.data_dir = data_dir
         self.secret_env = secret_env
+        self.runtime_of = runtime_of
+        self.bundle_limit = bundle_limit
         self.apps: dict[tuple[str, str], AppState] = {}
         """(workspace, app name) -> the app's current version."""
+        self.bundles: set[tuple[str, str]] = set()
+        """(workspace, digest) of every bundle stored."""
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        """One deploy of an app at a time: a version is staged, made ready, then committed."""
         self.writer: Writer
         """Set once the plane starts."""
 
     def load(self, conn: Connection) -> None:
         """Every deployed app at its current version, bundles written back where missing."""
         v = tables.versions.c
+        b = tables.bundles.c
+        self.bundles = {
+            (r.workspace, r.digest) for r in conn.execute(select(b.workspace, b.digest))
+        }
         for row in conn.execute(select(tables.apps)).mappings():
             ver = (
                 conn.execute(
@@ -64,40 +92,118 @@ class Deployments:
                 .mappings()
                 .one()
             )
-            self.apps[(row["workspace"], row["name"])] = self._build(
-                row["workspace"],
-                row["name"],
-                json.loads(row["tags"]),
-                ver["version"],
-                ver["filename"],
-                ver["source"],
-                json.loads(ver["functions"]),
-                row["created_at"],
-                row["updated_at"],
-            )
+            ws, name = row["workspace"], row["name"]
+            root = self._root(ws, name, ver["version"])
+            if ver["bundle"] is None:
+                self._write_source(root, ver["filename"], ver["source"])
+            elif not root.is_dir():
+                self._extract(conn, ws, ver["bundle"], root)
+            try:
+                app = self._build(
+                    ws,
+                    name,
+                    json.loads(row["tags"]),
+                    ver["version"],
+                    root,
+                    ver["filename"],
+                    json.loads(ver["functions"]),
+                    row["created_at"],
+                    row["updated_at"],
+                )
+            except DeployError as exc:
+                log.error("app %s/%s v%s cannot serve: %s", ws, name, ver["version"], exc)
+                continue
+            app.bundle, app.module = ver["bundle"], ver["module"]
+            self.apps[(ws, name)] = app
 
+    # ----------------------------------------------------------------- bundles
+    def _root(self, workspace: str, name: str, version: int) -> Path:
+        return under(self.data_dir, "bundles", workspace, name, f"v{version}")
+
+    @staticmethod
+    def _write_source(root: Path, filename: str, source: str) -> None:
+        path = root / filename
+        if not path.exists() or path.read_text() != source:
+            root.mkdir(parents=True, exist_ok=True)
+            path.write_text(source)
+
+    def _extract(self, conn: Connection, workspace: str, digest: str, root: Path) -> None:
+        b = tables.bundles.c
+        data = conn.execute(
+            select(b.data).where(b.workspace == workspace, b.digest == digest)
+        ).scalar_one_or_none()
+        if data is None:
+            raise DeployError(f"no bundle {digest[:12]} here: upload it first (PUT /v1/bundles)")
+        if root.exists():  # a staged version that never became current
+            shutil.rmtree(root)
+        extract(open_bundle(data, limit=self.bundle_limit), root)
+
+    def _extract_stored(self, workspace: str, digest: str, root: Path) -> None:
+        """In a thread: the stored bundle onto disk for a staged version."""
+        try:
+            with self.writer.engine.connect() as conn:
+                self._extract(conn, workspace, digest, root)
+        except BundleError as exc:
+            raise DeployError(f"the bundle cannot be unpacked: {exc}") from None
+
+    def has_bundle(self, workspace: str, digest: str) -> bool:
+        return (workspace, digest) in self.bundles
+
+    async def put_bundle(self, workspace: str, digest: str, data: bytes) -> dict[str, Any]:
+        """Store an uploaded bundle once its bytes are its digest and its files pass the
+        checks an untrusted zip gets (paths, sizes, kinds). Raises BundleError saying why not."""
+        if digest_of(data) != digest:
+            raise BundleError(
+                f"the body's sha256 is {digest_of(data)[:12]}..., not the {digest[:12]}... in the URL"
+            )
+        files = await asyncio.to_thread(open_bundle, data, limit=self.bundle_limit)
+        size = sum(len(c) for _, c in files)
+        if (workspace, digest) not in self.bundles:
+
+            def write(conn: Connection) -> None:
+                conn.execute(
+                    insert(tables.bundles).values(
+                        workspace=workspace,
+                        digest=digest,
+                        size=size,
+                        files=len(files),
+                        data=data,
+                        created_at=time.time(),
+                    )
+                )
+
+            await self.writer.submit(write)
+            self.bundles.add((workspace, digest))
+        return {"digest": digest, "size": size, "files": len(files)}
+
+    # ----------------------------------------------------------------- versions
     def _build(
         self,
         workspace: str,
         name: str,
         tags: dict[str, str],
         version: int,
+        root: Path,
         filename: str,
-        source: str,
         functions: list[dict[str, Any]],
         created_at: float,
         updated_at: float,
     ) -> AppState:
-        bundle = under(self.data_dir, "bundles", workspace, name, f"v{version}", filename)
-        if not bundle.exists() or bundle.read_text() != source:
-            bundle.parent.mkdir(parents=True, exist_ok=True)
-            bundle.write_text(source)
+        bundle = root / filename
         metas: dict[str, FunctionMeta] = {}
         pools: dict[str, Pool] = {}
         for f in functions:
             spec = FunctionSpec.from_dict(f["spec"])
             metas[f["name"]] = FunctionMeta(f["name"], f["unit"], f["kind"], f["params"], spec)
             if f["unit"] not in pools:
+                runtime = None
+                if spec.env is not None:
+                    runtime = self.runtime_of(workspace, spec.env)
+                    if runtime is None:
+                        raise DeployError(
+                            f"{f['name']}: no Env {spec.env} is built in workspace "
+                            f"{workspace!r}; build it first (POST /v1/envs; `ember deploy` does)"
+                        )
                 pools[f["unit"]] = Pool(
                     name,
                     version,
@@ -106,17 +212,25 @@ class Deployments:
                     bundle,
                     workspace=workspace,
                     env=self.secret_env(workspace, spec.secrets),
+                    runtime=runtime,
+                    root=root,
                 )
         return AppState(
             name, tags, version, filename, metas, pools, created_at, updated_at, workspace
         )
 
     async def deploy(
-        self, workspace: str, manifest: Any, has_secret: Callable[[str, str], bool]
+        self,
+        workspace: str,
+        manifest: Any,
+        has_secret: Callable[[str, str], bool],
+        ready: Ready,
     ) -> tuple[AppState, AppState | None]:
-        """Store a new version of an app and make it current; returns (new, old)."""
+        """Stage a new version of an app, get it ready (`ready` raises if its code does not
+        import), then store it and make it current; returns (new, old). A deploy that fails at
+        any step leaves the app as it was."""
         m = validate_manifest(manifest)
-        name, now = m["name"], time.time()
+        name = m["name"]
         for f in m["functions"]:
             for secret in f["spec"].get("secrets") or ():
                 if not has_secret(workspace, secret):
@@ -124,20 +238,50 @@ class Deployments:
                         f"{f['name']}: no secret named {secret!r} in workspace {workspace!r}; "
                         f"create it first with `ember secret set {secret} KEY=VALUE`"
                     )
+        if m["bundle"] is not None and not self.has_bundle(workspace, m["bundle"]):
+            raise DeployError(
+                f"no bundle {m['bundle'][:12]}... in workspace {workspace!r}: upload it first "
+                "(PUT /v1/bundles/{digest}; `ember deploy` does)"
+            )
+        lock = self._locks.setdefault((workspace, name), asyncio.Lock())
+        async with lock:
+            return await self._stage_and_commit(workspace, m, ready)
+
+    async def _stage_and_commit(
+        self, workspace: str, m: dict[str, Any], ready: Ready
+    ) -> tuple[AppState, AppState | None]:
+        name, now = m["name"], time.time()
         old = self.apps.get((workspace, name))
         version = old.version + 1 if old else 1
         created_at = old.created_at if old else now
-        app = self._build(
-            workspace,
-            name,
-            m["tags"],
-            version,
-            m["filename"],
-            m["source"],
-            m["functions"],
-            created_at,
-            now,
-        )
+        root = self._root(workspace, name, version)
+        if m["bundle"] is None:
+            if root.exists():
+                shutil.rmtree(root)
+            self._write_source(root, m["filename"], m["source"])
+        else:
+            await asyncio.to_thread(self._extract_stored, workspace, m["bundle"], root)
+        if not (root / m["filename"]).is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            raise DeployError(f"the bundle has no {m['filename']!r}, the file being deployed")
+        try:
+            app = self._build(
+                workspace,
+                name,
+                m["tags"],
+                version,
+                root,
+                m["filename"],
+                m["functions"],
+                created_at,
+                now,
+            )
+            app.bundle, app.module, app.root = m["bundle"], m["module"], root
+            await ready(app, m["wait"])
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        source = m["source"] if m["source"] is not None else ""
 
         def write(conn: Connection) -> None:
             values = {"tags": json.dumps(m["tags"]), "current_version": version, "updated_at": now}
@@ -160,9 +304,11 @@ class Deployments:
                     app=name,
                     version=version,
                     filename=m["filename"],
-                    source=m["source"],
+                    source=source,
                     functions=json.dumps(m["functions"]),
                     created_at=now,
+                    bundle=m["bundle"],
+                    module=m["module"],
                 )
             )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -18,8 +19,13 @@ from ember.core.spec import KINDS, FunctionSpec, SpecError, parse_tags
 
 FN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 FILENAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
-ENVIRONMENTS = ("server",)
-"""Environments a function may name; the server's own Python until environments are built."""
+PATH_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*/){0,16}[A-Za-z_][A-Za-z0-9_]*\.py$")
+"""The deployed file's path inside a bundle: `main.py`, `pkg/sub/app.py`."""
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,16}$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+ENV_ID_RE = re.compile(r"^env-[0-9a-f]{16}$")
+SERVER_ENV = "server"
+"""The environment a function that names none runs in: the server's own Python."""
 
 
 class DeployError(ValueError):
@@ -58,12 +64,26 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         m.get("source"),
         m.get("functions"),
     )
+    bundle, module, wait = m.get("bundle"), m.get("module"), m.get("wait", True)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise DeployError("'name' must be 1-64 characters of letters, digits, '_', '.', '-'")
-    if not isinstance(filename, str) or not FILENAME_RE.fullmatch(filename):
-        raise DeployError("'filename' must be a Python module file name such as 'hello.py'")
-    if not isinstance(source, str):
-        raise DeployError("'source' must be the text of the file")
+    if not isinstance(wait, bool):
+        raise DeployError("'wait' must be true or false")
+    if bundle is None:
+        if not isinstance(filename, str) or not FILENAME_RE.fullmatch(filename):
+            raise DeployError("'filename' must be a Python module file name such as 'hello.py'")
+        if not isinstance(source, str):
+            raise DeployError("'source' must be the text of the file (or send a 'bundle')")
+        module = filename.removesuffix(".py")
+    else:
+        if not isinstance(bundle, str) or not DIGEST_RE.fullmatch(bundle):
+            raise DeployError("'bundle' must be the sha256 (64 hex digits) of an uploaded bundle")
+        if not isinstance(filename, str) or not PATH_RE.fullmatch(filename):
+            raise DeployError("'filename' must be the deployed file's path in the bundle")
+        if not isinstance(module, str) or not MODULE_RE.fullmatch(module):
+            raise DeployError("'module' must be a dotted module name such as 'pkg.main'")
+        if source is not None:
+            raise DeployError("send either 'source' (one file) or 'bundle', not both")
     try:
         tags = parse_tags(m.get("tags"))
     except SpecError as exc:
@@ -93,10 +113,12 @@ def validate_manifest(m: Any) -> dict[str, Any]:
             raise DeployError(f"function {fname!r}: bad parameter schema: {exc.message}") from None
         except (SpecError, TypeError) as exc:
             raise DeployError(f"function {fname!r}: {exc}") from None
-        if spec.env is not None and spec.env not in ENVIRONMENTS:
+        if spec.env == SERVER_ENV:
+            spec = replace(spec, env=None)
+        if spec.env is not None and not ENV_ID_RE.fullmatch(spec.env):
             raise DeployError(
-                f"function {fname!r}: unknown environment {spec.env!r}; this server has: "
-                + ", ".join(ENVIRONMENTS)
+                f"function {fname!r}: env must name an environment built here (an Env id, "
+                f"env-..., from POST /v1/envs) or {SERVER_ENV!r}; got {spec.env!r}"
             )
         if unit in seen.values() and any(
             c["unit"] == unit and c["spec"] != spec.to_dict() for c in clean
@@ -116,6 +138,9 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         "name": name,
         "filename": filename,
         "source": source,
+        "bundle": bundle,
+        "module": module,
+        "wait": wait,
         "tags": tags,
         "functions": clean,
     }

@@ -18,7 +18,6 @@ that knows them all, fills those in. Everything here runs on the server's event 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import shutil
 import tempfile
@@ -32,10 +31,11 @@ from ember.backends.base import Backend
 from ember.backends.local import LocalBackend
 from ember.backends.sandbox import make_sandbox
 from ember.config import TOKEN_FILE
-from ember.control import views
+from ember.control import rollout, views
 from ember.control.audit import AuditLog
 from ember.control.deployments import Deployments
 from ember.control.dispatch import Dispatcher, Outside
+from ember.control.environments import Environments
 from ember.control.errors import ConflictError, UnplaceableError, job_error
 from ember.control.governance import Governance
 from ember.control.jobs import JobBook
@@ -85,7 +85,13 @@ class ControlPlane:
             sandbox=self.sandbox,
             isolated_only=settings.tenant_isolation,
         )
-        self.deployments = Deployments(settings.data_dir, self.secrets.env_for)
+        self.environments = Environments(settings.data_dir / "envs")
+        self.deployments = Deployments(
+            settings.data_dir,
+            self.secrets.env_for,
+            self.environments.runtime,
+            settings.bundle_limit,
+        )
         self.jobs = JobBook(engine, settings.prices, self._job_ended, settings.quotas)
         self.workers = Workers(
             self.backend,
@@ -123,13 +129,14 @@ class ControlPlane:
     async def start(self) -> None:
         self.writer = Writer(self.engine, asyncio.get_running_loop())
         self.audit.writer = self.writer
-        for room in (self.tokens, self.secrets, self.deployments, self.jobs, self.governance):
+        rooms = (self.tokens, self.secrets, self.environments, self.deployments, self.jobs)
+        for room in (*rooms, self.governance):
             room.writer = self.writer
         self.meter = Meter(self.writer, self.settings.prices, self.governance.record_spend)
         await self.workers.listen(self.control_socket)
         self._requeue_pending(await asyncio.to_thread(self._load))
         for app in list(self.deployments.apps.values()):
-            await self._prepare(app)
+            await rollout.prepare(self.backend, app, self._template_log)
             for pool in app.all_pools():
                 self._settle(pool)
         self._spawn(self._tick_forever())
@@ -150,6 +157,7 @@ class ControlPlane:
         while live and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         self.workers.close()
+        await self.environments.close()
         await self.backend.close()
         self.checkpoint()
         for task in list(self._tasks):
@@ -170,6 +178,7 @@ class ControlPlane:
             await asyncio.sleep(TICK_S)
             for pool in self.deployments.pools():
                 self._scale(pool)
+            self.backend.sweep(self.settings.template_idle_s, self.settings.template_memory)
             self.logs.flush()
             if time.monotonic() - last_checkpoint >= self.settings.checkpoint_s:
                 last_checkpoint = time.monotonic()
@@ -193,6 +202,7 @@ class ControlPlane:
             end_orphans(conn, self.settings.prices.billing)
             self.governance.load(conn, time.time())
             self.secrets.load(conn)
+            self.environments.load(conn)
             self.deployments.load(conn)
             return self.jobs.load(conn)
 
@@ -214,8 +224,7 @@ class ControlPlane:
 
     # ----------------------------------------------------------------- deployments
     async def deploy(self, workspace: str, manifest: Any) -> dict[str, Any]:
-        app, old = await self.deployments.deploy(workspace, manifest, self.secrets.has)
-        await self._prepare(app)
+        app, old = await self.deployments.deploy(workspace, manifest, self.secrets.has, self._ready)
         if old is not None:
             self._retire(old, app)
         for pool in app.all_pools():
@@ -224,6 +233,8 @@ class ControlPlane:
             "app": app.name,
             "version": app.version,
             "functions": list(app.functions),
+            "bundle": app.bundle,
+            "envs": app.describe()["envs"],
             "warnings": [
                 *self.deployments.unplaceable(app, self.backend.inventory),
                 *self._unsandboxed(app),
@@ -247,21 +258,10 @@ class ControlPlane:
             for why in sorted(r for r in reasons if r is not None)
         ]
 
-    async def _prepare(self, app: AppState) -> None:
-        """Start a template per unit; until one is ready, workers start plainly."""
-        for unit, pool in app.pools.items():
-            try:
-                await self.backend.prepare(
-                    pool.bundle,
-                    app.name,
-                    unit,
-                    pool.env,
-                    workspace=app.workspace,
-                    block_network=pool.spec.block_network,
-                    on_log=functools.partial(self._template_log, pool),
-                )
-            except OSError as exc:
-                log.warning("no template for %s/%s: %s", app.name, unit, exc)
+    async def _ready(self, app: AppState, wait: bool) -> None:
+        await rollout.prepare(self.backend, app, self._template_log)
+        if wait:
+            await rollout.check_imports(self.backend, app)
 
     def _retire(self, old: AppState, new: AppState) -> None:
         """A redeploy: queued jobs move to the new version, old workers drain."""
@@ -445,7 +445,7 @@ class ControlPlane:
                         pool.env = env
                 self.backend.retire(base.bundle, base.unit)
             if touched:
-                await self._prepare(app)
+                await rollout.prepare(self.backend, app, self._template_log)
         return now
 
     async def delete_secret(self, workspace: str, name: str) -> None:

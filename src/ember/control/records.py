@@ -11,6 +11,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, validators
 
+from ember.backends.base import Runtime
 from ember.control.errors import InputError
 from ember.core.autoscaler import WorkerState, WorkerView
 from ember.core.budgets import pool_scaling
@@ -260,6 +261,10 @@ class Pool:
     policy: str | None = None
     env: dict[str, str] = field(default_factory=dict, repr=False)
     """Secret values for the workers' environment; never logged or returned."""
+    runtime: Runtime | None = None
+    """The built Env its workers run in; None is the server's own Python."""
+    root: Path | None = None
+    """Its bundle's root directory; None: the bundle file's own directory."""
     active: bool = True
     queue: deque[Job] = field(default_factory=deque)
     workers: dict[str, Worker] = field(default_factory=dict)
@@ -285,6 +290,11 @@ class AppState:
     workspace: str = "default"
     policy_pools: dict[tuple[str, str], Pool] = field(default_factory=dict)
     """(unit, policy) -> the pool of that unit's calls under that policy, made on first use."""
+    bundle: str | None = None
+    """The digest of its code bundle; None for a version deployed as one file."""
+    module: str | None = None
+    root: Path | None = None
+    """Where its bundle lies on disk."""
 
     def pool(self, unit: str, policy: str | None) -> Pool:
         base = self.pools[unit]
@@ -307,6 +317,9 @@ class AppState:
             "functions": [f.describe() for f in self.functions.values()],
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "bundle": self.bundle,
+            "module": self.module,
+            "envs": {unit: pool.spec.env for unit, pool in self.pools.items() if pool.spec.env},
         }
 
 
@@ -321,5 +334,7 @@ def policy_pool(base: Pool, policy: str) -> Pool:
         workspace=base.workspace,
         policy=policy,
         env=base.env,
+        runtime=base.runtime,
+        root=base.root,
         active=base.active,
     )

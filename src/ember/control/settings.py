@@ -8,6 +8,7 @@ from pathlib import Path
 from ember.core.placement import Gpu
 from ember.core.pricing import PriceTable
 from ember.core.quotas import Quotas
+from ember.envs.bundle import DEFAULT_LIMIT as DEFAULT_BUNDLE_LIMIT
 
 
 @dataclass
@@ -21,6 +22,10 @@ class Settings:
     """How often open usage segments are written: the most metering a kill -9 can lose."""
     templates: bool = True
     """Fork workers from a pre-initialised template per function version."""
+    template_idle_s: float = 600.0
+    """A template that forked no worker for this long stops (started again on demand)."""
+    template_memory: int = 4 << 30
+    """Resident bytes all templates together may hold; the least recently used stop beyond."""
     sandbox: str = "auto"
     """Workers in bubblewrap sandboxes: `auto` (where it can run), `bwrap` (required), `off`."""
     tenant_isolation: bool = True
@@ -31,5 +36,7 @@ class Settings:
     """Where the API listens and whether with TLS: facts for `ember doctor`."""
     quotas: Quotas = field(default_factory=Quotas)
     """What each workspace may queue, log and keep (docs/api.md, "Limits")."""
+    bundle_limit: int = DEFAULT_BUNDLE_LIMIT
+    """Bytes a code bundle may unpack to (`--bundle-limit`)."""
     durability: str = "normal"
     """SQLite's `synchronous` for the store: "normal" or "full" (docs/reliability.md)."""

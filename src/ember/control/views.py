@@ -67,3 +67,16 @@ def health(state: AppState, unit: str, jobs: dict[str, Any]) -> dict[str, Any]:
         },
         "version": state.version,
     }
+
+
+def env_users(apps: Iterable[AppState]) -> dict[str, list[str]]:
+    """Env id -> the deployed versions whose functions run in it (`app v3: fn, Cls`)."""
+    users: dict[str, list[str]] = {}
+    for app in apps:
+        by_env: dict[str, list[str]] = {}
+        for unit, pool in app.pools.items():
+            if pool.spec.env:
+                by_env.setdefault(pool.spec.env, []).append(unit)
+        for env_id, units in by_env.items():
+            users.setdefault(env_id, []).append(f"{app.name} v{app.version}: {', '.join(units)}")
+    return users

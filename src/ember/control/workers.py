@@ -159,6 +159,8 @@ class Workers:
             w.pool.env,
             workspace=w.pool.workspace,
             block_network=w.pool.spec.block_network,
+            runtime=w.pool.runtime,
+            root=w.pool.root,
         )
         try:
             w.process = await self.backend.start(launch)

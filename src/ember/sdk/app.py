@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
 from ember.core.names import NAME_RE
 from ember.core.spec import FunctionSpec, SpecError, make_spec, parse_tags
 from ember.errors import InvalidSpec, UnknownOption
 from ember.sdk.cls import Cls
+from ember.sdk.env import Env
 from ember.sdk.function import Function
 from ember.sdk.hooks import hooks_of
 from ember.sdk.kinds import kind_of
@@ -39,13 +41,18 @@ class Options(TypedDict, total=False):
     timeout: float
     retries: int
     tags: dict[str, str] | None
-    env: str | None
+    env: Env | None
     secrets: list[str] | None
     block_network: bool
 
 
-def _spec(options: Mapping[str, Any], where: str) -> FunctionSpec:
-    """Options are checked where they are written, so a typo fails at import, not at deploy."""
+def _spec(options: Mapping[str, Any], where: str) -> tuple[FunctionSpec, Env | None]:
+    """Options are checked where they are written, so a typo fails at import, not at deploy.
+    The Env stays with the handle: the spec names it by id once the server has built it."""
+    options = dict(options)
+    env = options.pop("env", None)
+    if env is not None and not isinstance(env, Env):
+        raise InvalidSpec(f"{where}: env must be an ember.Env (ember.Env.standard()), got {env!r}")
     unknown = sorted(set(options) - set(Options.__annotations__))
     if unknown:
         raise UnknownOption(
@@ -53,15 +60,23 @@ def _spec(options: Mapping[str, Any], where: str) -> FunctionSpec:
             + ", ".join(Options.__annotations__)
         )
     try:
-        return make_spec(**options)
+        return make_spec(**options), env
     except SpecError as exc:
         raise InvalidSpec(f"{where}: {exc}") from None
 
 
 class App:
-    """A named group of functions deployed together from one Python file."""
+    """A named group of functions deployed together, with the code of the package their file
+    lives in (its bundle) and, optionally, a Python environment of their own (`env=`)."""
 
-    def __init__(self, name: str, tags: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        tags: dict[str, str] | None = None,
+        *,
+        env: Env | None = None,
+        include: list[str | Path] | None = None,
+    ) -> None:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise InvalidSpec(
                 f"app name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
@@ -70,7 +85,19 @@ class App:
             self.tags = parse_tags(tags)
         except SpecError as exc:
             raise InvalidSpec(f"App({name!r}): {exc}") from None
+        if env is not None and not isinstance(env, Env):
+            raise InvalidSpec(f"App({name!r}): env must be an ember.Env, got {env!r}")
+        if include is not None and (
+            not isinstance(include, list) or not all(isinstance(p, (str, Path)) for p in include)
+        ):
+            raise InvalidSpec(f"App({name!r}): include must be a list of paths")
         self.name = name
+        self.env = env
+        """The default Env of its functions; None is the server's own Python."""
+        self.include = [Path(p) for p in include or ()]
+        """More files or directories for the bundle, relative to the app's file."""
+        self.envs: dict[str, Env | None] = {}
+        """unit -> the Env it names (`@app.function(env=...)`), where it names one."""
         self.units: dict[str, Function | Cls] = {}
         _APPS[name] = self
 
@@ -79,7 +106,7 @@ class App:
 
     def function(self, fn: Callable[..., Any] | None = None, /, **options: Unpack[Options]) -> Any:
         """Deploy a function; usable bare (`@app.function`) or with options (see `Options`)."""
-        spec = _spec(options, "@app.function")
+        spec, env = _spec(options, "@app.function")
 
         def wrap(f: Callable[..., Any]) -> Function:
             if not callable(f) or inspect.isclass(f):
@@ -89,6 +116,7 @@ class App:
             self._claim(f.__name__)
             handle = Function(self.name, f.__name__, kind=kind_of(f), local=f, spec=spec)
             self.units[f.__name__] = handle
+            self.envs[f.__name__] = env
             return handle
 
         return wrap(fn) if fn is not None else wrap
@@ -96,7 +124,7 @@ class App:
     def cls(self, **options: Unpack[Options]) -> Callable[[type], Cls]:
         """Deploy a class: `@ember.enter` hooks run once per worker, `@ember.method`s are callable;
         the options (see `Options`) apply to the class's workers."""
-        spec = _spec(options, "@app.cls")
+        spec, env = _spec(options, "@app.cls")
 
         def wrap(user_cls: type) -> Cls:
             if not inspect.isclass(user_cls):
@@ -110,6 +138,7 @@ class App:
             self._claim(user_cls.__name__)
             handle = Cls(self.name, user_cls, spec)
             self.units[user_cls.__name__] = handle
+            self.envs[user_cls.__name__] = env
             return handle
 
         return wrap
@@ -118,31 +147,28 @@ class App:
         if name in self.units:
             raise InvalidSpec(f"app {self.name!r} already has a function or class named {name!r}")
 
-    def manifest(self) -> list[dict[str, Any]]:
-        """What the server needs to know of each callable, without the code itself."""
+    def env_of(self, unit: str) -> Env | None:
+        """The Env a unit runs in: its own, else the App's, else None (the server's Python)."""
+        return self.envs.get(unit) or self.env
+
+    def manifest(self, env_ids: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """What the server needs to know of each callable, without the code itself;
+        `env_ids` names the built Env of each unit that has one."""
         out = []
         for unit_name, unit in self.units.items():
-            if isinstance(unit, Function):
-                assert unit.spec is not None
+            handles = [unit] if isinstance(unit, Function) else list(unit.methods.values())
+            for h in handles:
+                assert h.spec is not None
+                spec = h.spec.to_dict()
+                if env_ids and unit_name in env_ids:
+                    spec["env"] = env_ids[unit_name]
                 out.append(
                     {
-                        "name": unit.name,
+                        "name": h.name,
                         "unit": unit_name,
-                        "kind": unit.kind,
-                        "params": unit.params,
-                        "spec": unit.spec.to_dict(),
+                        "kind": h.kind,
+                        "params": h.params,
+                        "spec": spec,
                     }
                 )
-            else:
-                for m in unit.methods.values():
-                    assert m.spec is not None
-                    out.append(
-                        {
-                            "name": m.name,
-                            "unit": unit_name,
-                            "kind": m.kind,
-                            "params": m.params,
-                            "spec": m.spec.to_dict(),
-                        }
-                    )
         return out

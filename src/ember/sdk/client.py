@@ -112,6 +112,36 @@ class Client:
     def deploy(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/apps", json=manifest).json()
 
+    # code and environments
+    def has_bundle(self, digest: str) -> bool:
+        try:
+            self.request("HEAD", f"/bundles/{digest}")
+        except NotFound:
+            return False
+        return True
+
+    def put_bundle(self, digest: str, data: bytes) -> dict[str, Any]:
+        headers = {"content-type": "application/zip"}
+        return self.request("PUT", f"/bundles/{digest}", content=data, headers=headers).json()
+
+    def build_env(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Start building an Env (or find it built): its view, `status` building/ready/failed."""
+        return self.request("POST", "/envs", json={"spec": spec}).json()
+
+    def get_env(self, env_id: str, *, build: bool = False) -> dict[str, Any]:
+        """An Env built here, or (`build`) also one still building or failed."""
+        params = {"build": "1"} if build else None
+        return self.request("GET", f"/envs/{env_id}", params=params).json()
+
+    def list_envs(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/envs").json()["envs"]
+
+    def export_env(self, env_id: str) -> str:
+        return self.request("GET", f"/envs/{env_id}/lock").text
+
+    def prune_envs(self, dry_run: bool = False) -> dict[str, Any]:
+        return self.request("DELETE", "/envs", params={"dry_run": dry_run}).json()
+
     def list_apps(self) -> list[dict[str, Any]]:
         return self.request("GET", "/apps").json()["apps"]
 

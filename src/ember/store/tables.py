@@ -10,6 +10,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -70,6 +71,10 @@ versions = Table(
     Column("source", Text, nullable=False),
     Column("functions", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("bundle", String(80)),
+    # the digest of its code bundle (`bundles`); NULL for a version deployed as one file
+    Column("module", String(255)),
+    # the dotted module of the bundle that defines the app (`pkg.main`)
     UniqueConstraint("workspace", "app", "version"),
     ForeignKeyConstraint(["workspace", "app"], ["apps.workspace", "apps.name"]),
 )
@@ -236,3 +241,31 @@ audit = Table(
     Column("last_ts", Float),
 )
 Index("ix_audit_ts", audit.c.ts)
+
+bundles = Table(
+    "bundles",
+    metadata,
+    _workspace(),
+    Column("digest", String(80), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("files", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    # the bundle as its client zipped it, checked (`ember.envs.bundle.open_bundle`)
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("workspace", "digest"),
+)
+
+envs = Table(
+    "envs",
+    metadata,
+    _workspace(),
+    Column("id", String(40), nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("python_version", String(16), nullable=False),
+    Column("lock", Text, nullable=False),
+    Column("disk_bytes", BigInteger, nullable=False),
+    Column("own_bytes", BigInteger, nullable=False),
+    Column("build_s", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("workspace", "id"),
+)

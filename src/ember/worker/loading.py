@@ -4,7 +4,9 @@ instance with its hooks. A template does it once for all its forks; a plain work
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,19 +26,33 @@ class Loaded:
     exit_hooks: list[Callable[[], Any]]
 
 
-def load_unit(bundle: Path, app_name: str, unit_name: str) -> Loaded:
-    """Import the user's file and find the function or class this process serves."""
+def module_name(bundle: Path, root: Path) -> str:
+    """The dotted name the deployed file has below its bundle's root: `pkg.main`."""
+    parts = list(bundle.relative_to(root).with_suffix("").parts)
+    if parts and parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def load_unit(bundle: Path, app_name: str, unit_name: str, root: Path | None = None) -> Loaded:
+    """Import the user's file, as the developer's own code imports it (the bundle's root on
+    sys.path, its dotted name: sibling modules and relative imports work), and find the
+    function or class this process serves."""
     from ember.sdk.app import registered_app
     from ember.sdk.cls import Cls
     from ember.sdk.hooks import ENTER, hooks_of
 
-    sys.path.insert(0, str(bundle.parent))
-    name = bundle.stem
-    spec = importlib.util.spec_from_file_location(name, bundle)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    root = root or Path(os.environ.get("EMBER_ROOT") or bundle.parent)
+    sys.path.insert(0, str(root))
+    name = module_name(bundle, root)
+    if "." in name:
+        importlib.import_module(name)
+    else:  # a top-level file loads from its path, even where its name is a stdlib module's
+        spec = importlib.util.spec_from_file_location(name, bundle)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
     try:
         app = registered_app(app_name)
     except KeyError:

@@ -49,9 +49,12 @@ def _reap(out: IO[str]) -> None:
         _send(out, {"t": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _print_exc(exc: BaseException, redact: Redactor | None, served: bool = False) -> str:
+def _print_exc(
+    exc: BaseException, redact: Redactor | None, served: bool = False
+) -> tuple[str, str]:
     """Print the traceback of `exc` to the raw log (and, `served`, to the function's log), and
-    return its one-line summary, all with the function's secret values hidden."""
+    return its one-line summary and the traceback, all with the function's secret values
+    hidden."""
     text = "".join(traceback.format_exception(exc))
     try:
         summary = f"{type(exc).__name__}: {exc}"
@@ -63,7 +66,24 @@ def _print_exc(exc: BaseException, redact: Redactor | None, served: bool = False
         if stream is not None:
             stream.write(text)
             stream.flush()
-    return summary
+    return summary, text
+
+
+def _user_frames(text: str) -> str:
+    """A traceback without the frames of ember's own loader: what the user's code did."""
+    lines = text.splitlines()
+    out: list[str] = []
+    skip = False
+    for line in lines:
+        if line.startswith('  File "'):
+            skip = "/ember/worker/" in line or "<frozen importlib" in line
+        elif not line.startswith(" "):
+            skip = False
+        if not skip:
+            out.append(line)
+    if len(out) >= 2 and out[0].startswith("Traceback") and not out[1].startswith(" "):
+        out.pop(0)  # no frame of the user's own: the error alone says it
+    return "\n".join(out)[-8000:]
 
 
 def _send(out: IO[str], msg: dict[str, Any]) -> None:
@@ -146,7 +166,8 @@ def main() -> None:
             hook()
         ready_ms = (time.perf_counter() - t0) * 1000.0
     except BaseException as exc:
-        _send(proto_out, {"t": "failed", "error": _print_exc(exc, redact, served=True)})
+        summary, text = _print_exc(exc, redact, served=True)
+        _send(proto_out, {"t": "failed", "error": summary, "traceback": _user_frames(text)})
         for cap in (sys.stdout, sys.stderr):
             if isinstance(cap, Capture):
                 cap.flush_job(None)
@@ -159,6 +180,8 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     _send(proto_out, {"t": "ready", "ms": ready_ms, "pid": os.getpid()})
+    if os.environ.get("EMBER_TEMPLATE_CHECK") == "1":  # templates are off: the import was all
+        os._exit(0)
     private = [requests.fileno(), proto_out.fileno()]
     pending = b""
     fds: deque[int] = deque()

@@ -9,7 +9,8 @@ after the venv's own site-packages, so a function that pins a package ember happ
 gets its own pin.
 
 Only wheels are installed (`--no-build`): building a source distribution would run a package's
-own setup code on the server, as the server's user.
+own setup code on the server, as the server's user; and the check that the runtime imports runs
+without `site`, so that no package's `.pth` file runs its code here either.
 """
 
 from __future__ import annotations
@@ -218,11 +219,23 @@ class Builder:
         site = sorted((dest / "lib").glob("python3*/site-packages"))
         if not site:
             raise BuildError(f"uv made no site-packages under {dest}", "\n".join(log))
-        (site[0] / "_ember_runtime.pth").write_text(str(runtime_dir(self.envs_dir)) + "\n")
+        runtime = runtime_dir(self.envs_dir)
+        (site[0] / "_ember_runtime.pth").write_text(str(runtime) + "\n")
+        # Without `site` (-S): a package's own .pth file would otherwise run its code here, on
+        # the server, outside any sandbox. What the worker imports is checked all the same, on
+        # the paths the .pth files name; the code itself runs only in workers.
+        check = (
+            "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import ember.worker.runtime; "
+            "print('%d.%d.%d' % sys.version_info[:3])"
+        )
         proc = await asyncio.create_subprocess_exec(
             str(python),
+            "-I",
+            "-S",
             "-c",
-            "import sys, ember.worker.runtime; print('%d.%d.%d' % sys.version_info[:3])",
+            check,
+            str(runtime),
+            str(site[0]),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

@@ -259,7 +259,7 @@ def test_too_large_names_the_biggest_files_and_the_limit(tmp_path: Path) -> None
     assert "data/weights.bin 3.0 MiB" in message
     assert "1.0 MiB limit" in message
     assert str(tmp_path / ".emberignore") in message and "EMBER_BUNDLE_LIMIT" in message
-    assert "--bundle-limit" in message
+    assert "EMBER_BUNDLE_LIMIT" in message
     assert err.value.biggest[0].path == "data/weights.bin"
     assert isinstance(err.value, BundleError)
 

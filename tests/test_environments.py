@@ -94,7 +94,7 @@ def compute(x: int, probes: list) -> dict:
     return {{
         "double": helper.double(x),
         "deep": deep.shout("deep"),
-        "config": (root / "config.txt").read_text(),
+        "config": (Path(__file__).parent / "config.txt").read_text(),
         "exists": {{p: (root / p).exists() for p in probes}},
     }}
 """
@@ -143,11 +143,11 @@ def test_a_package_ships_with_its_relative_imports_and_without_what_is_ignored(
         },
     )
     main = proj / "pkg" / "main.py"
-    bundle = collect(main, [(config, "config.txt")])
+    bundle = collect(main, [(config, "pkg/config.txt")])
     assert [f.path for f in bundle.files] == [
         ".emberignore",
-        "config.txt",
         "pkg/__init__.py",
+        "pkg/config.txt",
         "pkg/helper.py",
         "pkg/main.py",
         "pkg/sub/__init__.py",
@@ -159,7 +159,7 @@ def test_a_package_ships_with_its_relative_imports_and_without_what_is_ignored(
     assert out["bundle"] == bundle.digest  # exactly these files went to the server
     got = call(srv, "bundle-pkg", "compute", x=21, probes=[*IGNORED, "pkg/sub/deep.py"])
     assert got["double"] == 42 and got["deep"] == "DEEP!"
-    assert got["config"] == "mode=fast"  # App(include=[...]) put it at the bundle's root
+    assert got["config"] == "mode=fast"  # App(include=[...]) put it next to the app's file
     # what the ignore rules left out is not on the worker's disk; what they kept is
     assert got["exists"] == {**dict.fromkeys(IGNORED, False), "pkg/sub/deep.py": True}
 

@@ -83,4 +83,8 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request, but
     # a bundle upload, whose own limit is the bundle's (checked again as it is unpacked).
     bundle_max = max(max_payload, settings.bundle_limit + (1 << 20))
-    return PayloadLimit(Invoke(app), max_bytes=max_payload, overrides={"/v1/bundles/": bundle_max})
+    return PayloadLimit(
+        Invoke(app),
+        max_bytes=max_payload,
+        overrides={"/v1/bundles/": (bundle_max, "EMBER_BUNDLE_LIMIT on the server")},
+    )

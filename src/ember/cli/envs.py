@@ -87,7 +87,8 @@ def env_show(
     users = e.get("used_by") or []
     out.print(f"  used by:    {escape('; '.join(users)) if users else '- (ember env prune)'}")
     packages = e.get("packages") or []
-    out.print(f"  lock ({len(packages)} packages; `ember env export {e['id']}` for hashes):")
+    noun = "package" if len(packages) == 1 else "packages"
+    out.print(f"  lock ({len(packages)} {noun}; `ember env export {e['id']}` for hashes):")
     for p in packages:
         out.print(f"    {escape(p)}")
 

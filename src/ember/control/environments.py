@@ -243,7 +243,9 @@ class Environments:
             own = names_of(spec.packages)
             pins = tuple(p for p in lock_pins(base.lock) if names_of([p]).isdisjoint(own))
             reqs = (*AI_PACKAGES, *spec.packages)
-            plan = Plan(env_id, python, requirements=reqs, constraints=pins)
+            plan = Plan(
+                env_id, python, requirements=reqs, constraints=pins, base_dir=self.dir / base.id
+            )
         elif spec.lock is not None:
             plan = Plan(env_id, python, lock=spec.lock)
         else:

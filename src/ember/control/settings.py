@@ -37,6 +37,6 @@ class Settings:
     quotas: Quotas = field(default_factory=Quotas)
     """What each workspace may queue, log and keep (docs/api.md, "Limits")."""
     bundle_limit: int = DEFAULT_BUNDLE_LIMIT
-    """Bytes a code bundle may unpack to (`--bundle-limit`)."""
+    """Bytes a code bundle may unpack to (EMBER_BUNDLE_LIMIT)."""
     durability: str = "normal"
     """SQLite's `synchronous` for the store: "normal" or "full" (docs/reliability.md)."""

@@ -57,6 +57,8 @@ class Plan:
     """Pins the resolution must keep (the AI base's lock, less what the function names)."""
     lock: tuple[str, ...] | None = None
     """Installed exactly as given (`Env.from_lock`)."""
+    base_dir: Path | None = None
+    """A built Env this one stands on (the AI base): its bytecode is shared by hard link."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,8 @@ class Builder:
                 (dest / "ember-requirements.in").write_text("\n".join(plan.requirements) + "\n")
                 args = ["pip", "compile", str(dest / "ember-requirements.in")]
                 args += ["-o", str(lock_path), "--generate-hashes", "--no-build", "--quiet"]
-                args += ["--no-header", "--python", str(python), *self.sources.uv_args()]
+                args += ["--no-header", "--no-annotate", "--python", str(python)]
+                args += self.sources.uv_args()
                 constraints = [*self.sources.constraints]
                 if plan.constraints:
                     pins = dest / "ember-constraints.txt"
@@ -205,6 +208,8 @@ class Builder:
                 args += ["--require-hashes", "--no-build", "--link-mode", "hardlink"]
                 args += self.sources.uv_args()
                 await self._uv(args, log, phase)
+                progress("compile", "compiling bytecode")
+                await self._compile(dest, python, plan.base_dir, log)
             progress("check", "checking that the worker runtime imports")
             version = await self._finish(dest, python, log)
         except BaseException:
@@ -213,6 +218,40 @@ class Builder:
         (dest / READY).write_text(version)
         disk, own = disk_use(dest)
         return Built(plan.id, dest, python, version, lock, disk, own, time.perf_counter() - t0)
+
+    async def _compile(
+        self, dest: Path, python: Path, base_dir: Path | None, log: list[str]
+    ) -> None:
+        """Bytecode for every module, written now: a worker sees its Env read-only, so without
+        it each new process would compile what it imports (torch: seconds). What the base has
+        compiled for the very same file (the same inode, a hard link from uv's cache) is linked,
+        not compiled again, so an Env on the AI base adds only its own packages' bytecode.
+        compileall compiles; it imports nothing of the packages, and runs without `site`."""
+        site = _site(dest)
+        if base_dir is not None and (base_site := _site(base_dir)) is not None and site:
+            await asyncio.to_thread(share_bytecode, base_site, site)
+        if site is None:
+            return
+        proc = await asyncio.create_subprocess_exec(
+            str(python),
+            "-I",
+            "-S",
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            str(site),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(dest)},
+        )
+        out, _ = await proc.communicate()
+        if out:
+            log.extend(out.decode(errors="replace").splitlines()[-50:])
+        # a file that does not compile (a test fixture of some package) is not fatal: Python
+        # compiles it in memory if it is ever imported
 
     async def _finish(self, dest: Path, python: Path, log: list[str]) -> str:
         """ember's runtime into the venv, and a first import of it there."""
@@ -249,6 +288,31 @@ class Builder:
                 "\n".join(log),
             )
         return text.splitlines()[-1]
+
+
+def _site(venv: Path) -> Path | None:
+    found = sorted((venv / "lib").glob("python3*/site-packages"))
+    return found[0] if found else None
+
+
+def share_bytecode(base_site: Path, site: Path) -> int:
+    """Hard-link the base's `.pyc` of each module whose source both venvs share (one inode):
+    the same source compiles to the same bytes. Returns how many were linked."""
+    linked = 0
+    for pyc in base_site.rglob("__pycache__/*.pyc"):
+        source = pyc.parent.parent / (pyc.name.split(".", 1)[0] + ".py")
+        rel = source.relative_to(base_site)
+        mine = site / rel
+        try:
+            if os.stat(mine).st_ino != os.stat(source).st_ino:
+                continue
+            target = site / pyc.relative_to(base_site)
+            target.parent.mkdir(exist_ok=True)
+            os.link(pyc, target)
+        except (FileNotFoundError, FileExistsError):
+            continue
+        linked += 1
+    return linked
 
 
 def _no(line: str) -> None:

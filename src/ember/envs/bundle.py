@@ -58,7 +58,7 @@ class BundleTooLarge(BundleError):
         super().__init__(
             f"the bundle holds {human(total)} of files, over the {human(limit)} limit; the "
             f"biggest: {files}. Exclude what the app does not need in {root / IGNORE_FILE} "
-            f"(gitignore syntax), or raise the limit with EMBER_BUNDLE_LIMIT or --bundle-limit"
+            f"(gitignore syntax), or raise the limit with EMBER_BUNDLE_LIMIT (the client's and the server's)"
         )
 
 

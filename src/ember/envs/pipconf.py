@@ -22,15 +22,17 @@ class PackageSources:
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
     constraints: tuple[str, ...] = ()
+    no_index: bool = False
+    """pip's `no-index`: packages from the find-links folders alone."""
 
     def uv_args(self) -> list[str]:
         """uv's flags for these sources. With several indexes uv would by default take each
         package from the first index that has it; pip takes the best version across all of them,
         and so does a build here (`unsafe-best-match`), so that it resolves as pip would."""
-        args: list[str] = []
-        if self.index_url:
+        args: list[str] = ["--no-index"] if self.no_index else []
+        if self.index_url and not self.no_index:
             args += ["--index-url", self.index_url]
-        for url in self.extra_index_urls:
+        for url in () if self.no_index else self.extra_index_urls:
             args += ["--extra-index-url", url]
         for link in self.find_links:
             args += ["--find-links", link]
@@ -91,8 +93,7 @@ def package_sources() -> PackageSources:
     index_url = settings.get("index-url") or None
     if index_url is not None and not _reachable(index_url):
         index_url = None
-    if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
-        index_url = None
+    no_index = settings.get("no-index", "").lower() in ("1", "true", "yes", "on")
     return PackageSources(
         index_url=index_url,
         extra_index_urls=tuple(
@@ -100,6 +101,7 @@ def package_sources() -> PackageSources:
         ),
         find_links=tuple(u for u in _split(settings.get("find-links", "")) if _reachable(u)),
         constraints=tuple(c for c in _split(settings.get("constraint", "")) if Path(c).is_file()),
+        no_index=no_index,
     )
 
 

@@ -73,7 +73,8 @@ class EnvSpec:
         packages = _strings(d.get("packages") or [], "packages", MAX_PACKAGES)
         lock = d.get("lock")
         if lock is not None:
-            lock = tuple(_strings(lock, "lock", MAX_LOCK_LINES))
+            # a lock line carries every file's hash of its release: numpy's is long
+            lock = tuple(_strings(lock, "lock", MAX_LOCK_LINES, longest=1 << 16))
             if packages:
                 raise EnvSpecError("an Env from a lock installs the lock alone: add no packages")
         variables = d.get("variables") or {}
@@ -96,12 +97,12 @@ class EnvSpec:
         return "env-" + hashlib.sha256(raw).hexdigest()[:16]
 
 
-def _strings(value: Any, what: str, most: int) -> list[str]:
+def _strings(value: Any, what: str, most: int, longest: int = 4096) -> list[str]:
     if not isinstance(value, list) or len(value) > most:
         raise EnvSpecError(f"{what} must be a list of at most {most} strings")
     out = []
     for item in value:
-        if not isinstance(item, str) or not item.strip() or len(item) > 4096 or "\n" in item:
+        if not isinstance(item, str) or not item.strip() or len(item) > longest or "\n" in item:
             raise EnvSpecError(f"{what}: {item!r} is not a one-line string")
         out.append(item.strip())
     return out

@@ -153,9 +153,11 @@ def plan(path: str | Path, *, limit: int | None = None) -> list[Plan]:
     out = []
     for app in apps:
         envs = {unit: env for unit in app.units if (env := app.env_of(unit)) is not None}
-        include = [
-            (path.parent / p, p.name if p.is_absolute() else p.as_posix()) for p in app.include
-        ]
+        try:
+            here = path.parent.relative_to(root_of(path)[0])
+        except BundleError as exc:
+            raise InvalidSpec(str(exc)) from None
+        include = [(path.parent / p, _remote(p, here)) for p in app.include]
         for env in {id(e): e for e in envs.values()}.values():
             include += [(local, remote) for local, remote in env.local_dirs]
         try:
@@ -166,10 +168,12 @@ def plan(path: str | Path, *, limit: int | None = None) -> list[Plan]:
     return out
 
 
-def _remote(p: Path) -> str:
-    """Where an `include=` path lands in the bundle: as written, relative to the app's file, or
-    (an absolute path, or one outside the app's directory) under its own name at the root."""
-    return p.name if p.is_absolute() or ".." in p.parts else p.as_posix()
+def _remote(p: Path, here: Path) -> str:
+    """Where an `include=` path lands in the bundle: where it is relative to the app's file
+    (`here` is that file's directory in the bundle), or, for an absolute path or one outside
+    the app's directory, under its own name next to the app's file."""
+    inside = p.name if p.is_absolute() or ".." in p.parts else p.as_posix()
+    return (here / inside).as_posix()
 
 
 def upload(http: Client, bundle: Bundle) -> bool:

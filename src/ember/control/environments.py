@@ -207,8 +207,8 @@ class Environments:
         if record is not None:
             return record.view()
         build = self.builds.get(env_id)
-        if with_builds and build is not None:
-            return build.view()
+        if with_builds and build is not None and workspace in build.workspaces:
+            return build.view()  # another workspace's build of the same content stays unseen
         return None
 
     async def _build(self, build: Build) -> Built:

@@ -308,7 +308,7 @@ def test_an_env_asked_for_while_it_builds_joins_that_build(srv: Server) -> None:
     spec = {"base": "standard", "packages": ["six==1.16.0"], "variables": {"RUN": uuid.uuid4().hex}}
     first = srv.http("POST", "/v1/envs", json={"spec": spec})
     assert first.status_code == 202 and first.json()["status"] == "building", first.text
-    time.sleep(0.3)
+    time.sleep(0.3)  # sleep-ok: the second ask must come while the first build runs
     second = srv.http("POST", "/v1/envs", json={"spec": spec})
     assert second.json()["id"] == first.json()["id"]
     if second.status_code == 202:  # still building: the same build, running since the first ask
@@ -501,6 +501,7 @@ def test_a_deploy_whose_code_fails_on_the_server_is_refused_with_its_traceback(
     )
 
     # without waiting, the server answers at once, before the code is imported
+    # sleep-ok: the deployed code's slow import, which a deploy without waiting must not wait for
     slow = 'if ON_SERVER:\n    import time\n    time.sleep(5)\n    raise RuntimeError("boom later")'
     (p,) = plan(truth(tmp_path / "nowait", on_server=slow))
     srv.client.put_bundle(p.bundle.digest, p.bundle.data)

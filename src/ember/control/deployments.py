@@ -109,11 +109,12 @@ class Deployments:
                     json.loads(ver["functions"]),
                     row["created_at"],
                     row["updated_at"],
+                    ver["bundle"],
+                    ver["module"],
                 )
             except DeployError as exc:
                 log.error("app %s/%s v%s cannot serve: %s", ws, name, ver["version"], exc)
                 continue
-            app.bundle, app.module = ver["bundle"], ver["module"]
             self.apps[(ws, name)] = app
 
     # ----------------------------------------------------------------- bundles
@@ -188,6 +189,8 @@ class Deployments:
         functions: list[dict[str, Any]],
         created_at: float,
         updated_at: float,
+        digest: str | None,
+        module: str | None,
     ) -> AppState:
         bundle = root / filename
         metas: dict[str, FunctionMeta] = {}
@@ -216,7 +219,17 @@ class Deployments:
                     root=root,
                 )
         return AppState(
-            name, tags, version, filename, metas, pools, created_at, updated_at, workspace
+            name,
+            tags,
+            version,
+            filename,
+            metas,
+            pools,
+            created_at,
+            updated_at,
+            workspace,
+            bundle=digest,
+            module=module,
         )
 
     async def deploy(
@@ -275,8 +288,9 @@ class Deployments:
                 m["functions"],
                 created_at,
                 now,
+                m["bundle"],
+                m["module"],
             )
-            app.bundle, app.module, app.root = m["bundle"], m["module"], root
             await ready(app, m["wait"])
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)

@@ -120,10 +120,6 @@ def lock_packages(lock: str) -> list[str]:
     return out
 
 
-def lock_pins(lock: str) -> list[str]:
-    return [p for p in lock_packages(lock) if "==" in p]
-
-
 class Environments:
     def __init__(self, envs_dir: Path, sources: PackageSources | None = None) -> None:
         self.dir = envs_dir
@@ -241,7 +237,7 @@ class Environments:
             if spec == self._base_spec(spec):
                 return base
             own = names_of(spec.packages)
-            pins = tuple(p for p in lock_pins(base.lock) if names_of([p]).isdisjoint(own))
+            pins = tuple(p for p in lock_packages(base.lock) if names_of([p]).isdisjoint(own))
             reqs = (*AI_PACKAGES, *spec.packages)
             plan = Plan(
                 env_id, python, requirements=reqs, constraints=pins, base_dir=self.dir / base.id
@@ -250,9 +246,7 @@ class Environments:
             plan = Plan(env_id, python, lock=spec.lock)
         else:
             plan = Plan(env_id, python, requirements=spec.packages)
-        if is_built(self.dir, env_id) and self._known(env_id):
-            return self._found(env_id)
-        return await self.builder.build(plan, progress)
+        return self._found(env_id) or await self.builder.build(plan, progress)
 
     async def _base(self, spec: EnvSpec, progress: Progress, workspaces: set[str]) -> Built:
         """The AI base this server shares, built first when it is not yet (one build at a time,
@@ -260,9 +254,8 @@ class Environments:
         base_spec = self._base_spec(spec)
         base_id = self.id_of(base_spec)
         async with self._base_lock:
-            if is_built(self.dir, base_id) and self._known(base_id):
-                built = self._found(base_id)
-            else:
+            built = self._found(base_id)
+            if built is None:
                 progress("base", "building the shared AI base (once per server)")
                 requirements = (*AI_PACKAGES[1:], self._torch())
                 plan = Plan(base_id, spec.python or self.python, requirements=requirements)
@@ -271,10 +264,10 @@ class Environments:
                 await self._record(ws, base_spec, built)
         return built
 
-    def _known(self, env_id: str) -> bool:
-        return any(i == env_id for _, i in self.records)
-
-    def _found(self, env_id: str) -> Built:
+    def _found(self, env_id: str) -> Built | None:
+        """The Env already built on disk and recorded (by any workspace), or None."""
+        if not is_built(self.dir, env_id):
+            return None
         for (_, other), record in self.records.items():
             if other == env_id:
                 d = self.dir / env_id
@@ -288,7 +281,7 @@ class Environments:
                     record.own_bytes,
                     0.0,
                 )
-        raise BuildError(f"{env_id} is on disk but recorded nowhere; build it again")
+        return None  # on disk but recorded nowhere (a crash between the two): built again
 
     async def _record(self, workspace: str, spec: EnvSpec, built: Built) -> EnvRecord:
         record = EnvRecord(
@@ -392,4 +385,4 @@ def _quiet(task: asyncio.Task[Built]) -> None:
         task.exception()
 
 
-__all__ = ["EnvError", "EnvRecord", "Environments", "lock_packages", "lock_pins"]
+__all__ = ["EnvError", "EnvRecord", "Environments", "lock_packages"]

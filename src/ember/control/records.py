@@ -293,8 +293,6 @@ class AppState:
     bundle: str | None = None
     """The digest of its code bundle; None for a version deployed as one file."""
     module: str | None = None
-    root: Path | None = None
-    """Where its bundle lies on disk."""
 
     def pool(self, unit: str, policy: str | None) -> Pool:
         base = self.pools[unit]

@@ -165,16 +165,16 @@ def serve(
         **housekeeping,
     )
     isolation = describe_sandbox(sandbox, tenant_isolation)
-    app = create_app(settings, max_payload=max_payload, db_url=db_url)
+    served = create_app(settings, max_payload=max_payload, db_url=db_url)
     config = uvicorn.Config(
-        app,
+        served.app,
         host=host,
         port=port,
         log_level="warning",
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
-        http=connections.http_protocol(limits, tls),
+        http=connections.http_protocol(limits, tls, served.direct),
         timeout_keep_alive=limits.keep_alive,
     )
     server = uvicorn.Server(config)

@@ -6,6 +6,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,7 +15,7 @@ from starlette.types import ASGIApp
 from ember import __version__
 from ember.api import admin, environments, errors, tenancy
 from ember.api.auth import Auth, Principal, ensure_token
-from ember.api.invoke import Invoke
+from ember.api.invoke import DirectCalls, Invoke
 from ember.api.limits import PayloadLimit
 from ember.api.routes import audit, public, router
 from ember.control.plane import ControlPlane
@@ -32,7 +33,15 @@ _NO_TELEMETRY: dict[str, Any] = (
 )
 
 
-def create_app(settings: Settings, *, max_payload: int, db_url: str | None = None) -> ASGIApp:
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What `ember server` serves: the ASGI app, and the calls its HTTP protocol answers itself."""
+
+    app: ASGIApp
+    direct: DirectCalls
+
+
+def create_app(settings: Settings, *, max_payload: int, db_url: str | None = None) -> Served:
     # Inputs, outputs and deployed code live here: readable by the server's user alone.
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.data_dir.chmod(0o700)
@@ -83,8 +92,9 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request, but
     # a bundle upload, whose own limit is the bundle's (checked again as it is unpacked).
     bundle_max = max(max_payload, settings.bundle_limit + (1 << 20))
-    return PayloadLimit(
+    asgi = PayloadLimit(
         Invoke(app),
         max_bytes=max_payload,
         overrides={"/v1/bundles/": (bundle_max, "EMBER_BUNDLE_LIMIT on the server")},
     )
+    return Served(asgi, DirectCalls(app, max_payload))

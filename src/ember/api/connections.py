@@ -14,6 +14,11 @@ is uvicorn's httptools protocol with two additions:
   request in flight, or a response still being delivered, is never cut; when every connection
   has one, the newcomer gets a 503 and is closed.
 
+It also answers the requests a **direct handler** takes (`api/invoke.py`: plain calls) without
+uvicorn's ASGI cycle: no task, no ASGI messages, no middleware per call, and the response written
+in one piece. Whatever the handler does not take, or gives back once it has the body, goes to the
+ASGI app as usual; pipelining, keep-alive, shutdown and disconnects behave as for the ASGI path.
+
 Deadlines are kept by one sweep over the open connections every quarter deadline (at most a
 second), not by a timer per request. Idle keep-alive connections are also closed by uvicorn
 itself after `keep_alive` seconds.
@@ -27,10 +32,18 @@ import itertools
 import logging
 import resource
 import ssl
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from ember.core.connections import (
     ConnectionState,
@@ -56,6 +69,107 @@ _REFUSED_BODY = (
     b'{"error":{"code":"too_many_connections","message":"every connection the server can hold '
     b'has a request in flight; retry in a moment"}}'
 )
+
+
+Reply = Callable[[Response], None]
+"""Writes a direct request's response (a plain Response: status, raw headers, body)."""
+
+
+class DirectHandler(Protocol):
+    """Requests answered straight from the protocol, without the ASGI app."""
+
+    def take(
+        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> Any | None:
+        """What the request asks, when this handler may answer it; None: the ASGI app does."""
+
+    def answer(self, taken: Any, body: bytes, reply: Reply) -> bool:
+        """Answer the request, now or later, through `reply` (exactly once); False, having done
+        nothing, to hand the request to the ASGI app after all."""
+
+
+class _Event:
+    """What uvicorn sets on a cycle when the connection drops; a direct request needs no event."""
+
+    def set(self) -> None:
+        pass
+
+
+class DirectCycle:
+    """A request the direct handler took: its body, then its answer. It has what uvicorn's
+    protocol reads of a cycle (`response_complete`, `keep_alive`, `disconnected`,
+    `message_event`), so pipelining, shutdown and a lost connection work as for a
+    RequestResponseCycle."""
+
+    __slots__ = ("body", "disconnected", "keep_alive", "pending", "response_complete", "taken")
+    message_event = _Event()
+
+    def __init__(self, taken: Any, keep_alive: bool) -> None:
+        self.taken = taken
+        self.body = bytearray()
+        self.keep_alive = keep_alive
+        self.response_complete = False
+        self.disconnected = False
+        self.pending: Pending | None = None
+
+
+class Pending:
+    """A direct request waiting for its answer, in uvicorn's set of tasks meanwhile: a graceful
+    shutdown waits for it as for a task, and past its timeout cancels it, answered as uvicorn
+    answers a cancelled task (a plain 500, the connection closed)."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: HttpToolsProtocol) -> None:
+        self.protocol = protocol
+
+    def cancel(self, msg: Any = None) -> bool:
+        p = self.protocol
+        cycle = p.cycle
+        if isinstance(cycle, DirectCycle) and not cycle.response_complete:
+            cycle.keep_alive = False
+            write_response(p, cycle, _plain_500())
+        return True
+
+
+def _plain_500() -> Response:
+    return Response(
+        b"Internal Server Error",
+        500,
+        headers={"connection": "close"},
+        media_type="text/plain; charset=utf-8",
+    )
+
+
+def write_response(p: HttpToolsProtocol, cycle: DirectCycle, response: Response) -> None:
+    """Write `response` as uvicorn writes an ASGI app's (its default headers first, then the
+    response's, `connection: close` when the connection ends), in one write; then end the
+    request as uvicorn does."""
+    if cycle.response_complete:
+        return
+    cycle.response_complete = True
+    if cycle.pending is not None:
+        p.tasks.discard(cycle.pending)
+        cycle.pending = None
+    if cycle.disconnected or p.transport.is_closing():
+        return
+    content: list[bytes | memoryview] = [STATUS_LINE[response.status_code]]
+    for name, value in p.server_state.default_headers:
+        content.extend((name, b": ", value, b"\r\n"))
+    keep_alive, has_close = cycle.keep_alive, False
+    for name, value in response.raw_headers:
+        name = name.lower()
+        if name == b"connection" and b"close" in value.lower():
+            keep_alive, has_close = False, True
+        content.extend((name, b": ", value, b"\r\n"))
+    if not keep_alive and not has_close:
+        content.append(b"connection: close\r\n")
+    content.append(b"\r\n")
+    content.append(response.body)
+    p.transport.write(b"".join(content))
+    if not keep_alive:
+        p.transport.close()
+    p.on_response_complete()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +224,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 def http_protocol(
-    lim: ConnectionLimits, tls: ssl.SSLContext | None = None
+    lim: ConnectionLimits,
+    tls: ssl.SSLContext | None = None,
+    direct: DirectHandler | None = None,
 ) -> type[HttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)` that enforces `lim`. With `tls`, give
     uvicorn no certificate: this protocol does the handshake itself, under the head deadline
-    and inside the cap (uvicorn's own TLS would hide a handshaking socket from both)."""
+    and inside the cap (uvicorn's own TLS would hide a handshaking socket from both). With
+    `direct`, the requests it takes are answered without the ASGI app."""
     registry: dict[int, GuardedProtocol] = {}
     ids = itertools.count()
     refusals = itertools.count(1)
@@ -242,7 +359,82 @@ def http_protocol(
 
         def on_headers_complete(self) -> None:
             self._busy = True
-            super().on_headers_complete()
+            if direct is None or not self._take_direct(direct):
+                super().on_headers_complete()
+
+        def _take_direct(self, handler: DirectHandler) -> bool:
+            """Fill in the scope as uvicorn does and, when `handler` takes the request, make it
+            a DirectCycle. Never for a pipelined request, an upgrade, or `Expect: 100-continue`."""
+            existing = self.cycle
+            if (existing is not None and not existing.response_complete) or (
+                self.expect_100_continue or self.limit_concurrency is not None
+            ):
+                return False
+            parser = self.parser
+            if parser.should_upgrade():
+                return False
+            http_version = parser.get_http_version()
+            method = parser.get_method().decode("ascii")
+            parsed = httptools.parse_url(self.url)
+            raw_path = parsed.path
+            path = raw_path.decode("ascii")
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            query = parsed.query or b""
+            taken = handler.take(method, self.root_path + path, query, self.headers)
+            if taken is None:
+                return False
+            scope = self.scope
+            scope["method"] = method
+            if http_version != "1.1":
+                scope["http_version"] = http_version
+            scope["path"] = self.root_path + path
+            scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+            scope["query_string"] = query
+            keep_alive = http_version != "1.0" and parser.should_keep_alive()
+            self.cycle = DirectCycle(taken, keep_alive)  # type: ignore[assignment]
+            return True
+
+        def on_body(self, body: bytes) -> None:
+            cycle = self.cycle
+            if isinstance(cycle, DirectCycle):
+                cycle.body += body
+            else:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            cycle = self.cycle
+            if not isinstance(cycle, DirectCycle):
+                super().on_message_complete()
+                return
+            assert direct is not None
+            body = bytes(cycle.body)
+            cycle.pending = Pending(self)
+            self.tasks.add(cycle.pending)
+            if not direct.answer(cycle.taken, body, lambda r: write_response(self, cycle, r)):
+                self.tasks.discard(cycle.pending)
+                self._to_asgi(cycle, body)
+
+        def _to_asgi(self, direct_cycle: DirectCycle, body: bytes) -> None:
+            """Hand a direct request, its body read, to the ASGI app, as uvicorn would have."""
+            cycle = RequestResponseCycle(
+                scope=self.scope,
+                transport=self.transport,
+                flow=self.flow,
+                logger=self.logger,
+                access_logger=self.access_logger,
+                access_log=self.access_log,
+                default_headers=self.server_state.default_headers,
+                message_event=asyncio.Event(),
+                expect_100_continue=False,
+                keep_alive=direct_cycle.keep_alive,
+                on_response=self.on_response_complete,
+            )
+            cycle.body = bytearray(body)
+            cycle.more_body = False
+            cycle.message_event.set()
+            self.cycle = cycle
+            self._start_asgi_task(cycle, self.app)
 
         def on_response_complete(self) -> None:
             pipelined = bool(self.pipeline)

@@ -7,11 +7,22 @@ answers the plain form of a call itself: the same auth, the same handlers (`rout
 `routes.run_job`) and the same error bodies, an unexpected error included. Anything else, an
 unusual query string included, goes on to the FastAPI app, which also documents these endpoints
 in OpenAPI; so a request this cannot take whole is answered exactly as before.
+
+`DirectCalls` goes one step further for the commonest call of all: a plain call with a bearer
+token that may invoke, whose job is accepted. The HTTP protocol (`api/connections.py`) hands it
+the request without an ASGI cycle, and it answers through callbacks (the job's end, the `wait`
+timer, the row's commit) instead of a task. Anything else it hands back, having done nothing,
+to the ASGI app (and so to `Invoke`): a refused token, a bad body, an unknown function, a full
+queue, a spent budget are all answered, and audited, exactly as before.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -22,7 +33,20 @@ from starlette.types import Receive, Scope, Send
 from ember.api import routes
 from ember.api.auth import Auth
 from ember.api.auth import Scope as TokenScope
+from ember.api.connections import Reply
 from ember.api.errors import ApiException, internal_error, render
+from ember.control.errors import (
+    BudgetBlocked,
+    InputError,
+    NotFoundError,
+    PolicyDenied,
+    QueueFullError,
+    UnplaceableError,
+)
+from ember.control.plane import ControlPlane
+from ember.control.records import Job
+
+log = logging.getLogger("ember.server")
 
 _CALL = re.compile(r"/v1/apps/([^/]+)/([^/]+)/(run|runsync)")
 _WAIT = re.compile(rb"wait=(\d{1,4}(?:\.\d{1,6})?)")
@@ -92,3 +116,121 @@ class Invoke:
         except Exception:  # as FastAPI's handler for Exception (`errors.install`) answers
             response = internal_error()
         await response(scope, receive, send)
+
+
+_REFUSED = (
+    ApiException,
+    BudgetBlocked,
+    PolicyDenied,
+    NotFoundError,
+    InputError,
+    UnplaceableError,
+    QueueFullError,
+    RecursionError,
+)
+"""What a call can be refused with before its job exists: the ASGI path answers those."""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    call: Call
+    authorization: bytes
+
+
+class DirectCalls:
+    """The plain calls the HTTP protocol answers without the ASGI app (`DirectHandler`)."""
+
+    def __init__(self, app: FastAPI, max_payload: int) -> None:
+        self.app = app
+        self.max_payload = max_payload
+
+    def take(
+        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> Taken | None:
+        call = call_of(method, path, query)
+        if call is None:
+            return None
+        authorization = length = None
+        for name, value in headers:
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                return None
+        if authorization is None or length is None or not length.isdigit():
+            return None
+        if int(length) > self.max_payload:
+            return None  # the payload limit answers it
+        return Taken(call, authorization)
+
+    def answer(self, taken: Taken, body: bytes, reply: Reply) -> bool:
+        auth: Auth = self.app.state.auth
+        cp: ControlPlane = self.app.state.plane
+        call = taken.call
+        try:
+            who = auth.check(taken.authorization.decode("latin-1"), time.time())
+            if who.scope < TokenScope.INVOKE:
+                return False
+            input = routes.input_of(body)
+            job = cp.submit(
+                who.workspace, call.app, call.fn, input, policy=who.policy, token=who.token
+            )
+        except _REFUSED:
+            return False
+        except Exception:
+            reply(internal_error())
+            return True
+        if call.wait is None:
+            _when_stored(
+                cp,
+                job,
+                reply,
+                lambda: routes.CallResponse({"id": job.id, "status": "IN_QUEUE"}, status_code=202),
+            )
+        else:
+            _Waiter(cp, job, reply, call.wait)
+        return True
+
+
+def _when_stored(cp: ControlPlane, job: Job, reply: Reply, answer: Callable[[], Response]) -> None:
+    """Reply with `answer()` once the job's row is committed (a 500 if it could not be)."""
+
+    def stored(fut: asyncio.Future[None]) -> None:
+        error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if error is None:
+            reply(answer())
+            return
+        try:  # internal_error logs the exception being handled, as the ASGI path's handler does
+            raise error
+        except BaseException:
+            reply(internal_error())
+
+    cp.stored(job).add_done_callback(stored)
+
+
+class _Waiter:
+    """A runsync's wait: the job's body when it ends, or after `wait` seconds a 202 once the job
+    is durable (as `routes.run_job` does, without a task)."""
+
+    __slots__ = ("cp", "job", "reply", "timer")
+
+    def __init__(self, cp: ControlPlane, job: Job, reply: Reply, wait: float) -> None:
+        self.cp, self.job, self.reply = cp, job, reply
+        self.timer = asyncio.get_running_loop().call_later(wait, self.expired)
+        job.done.add_callback(self.ended)
+
+    def ended(self) -> None:
+        self.timer.cancel()
+        response: Response
+        try:
+            response = routes.CallResponse(self.job.body())
+        except Exception:
+            response = internal_error()
+        self.reply(response)
+
+    def expired(self) -> None:
+        self.job.done.remove_callback(self.ended)
+        job = self.job
+        _when_stored(self.cp, job, self.reply, lambda: routes.CallResponse(job.body(), 202))

@@ -90,7 +90,11 @@ def _no_constant(name: str) -> Any:
 
 
 async def json_body(request: Request) -> Any:
-    raw = await request.body()
+    return parse_json(await request.body())
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON ({} when empty), or a 400 that says what is wrong with it."""
     if not raw:
         return {}
     try:
@@ -113,7 +117,12 @@ def _not_found(exc: NotFoundError) -> ApiException:
 
 
 async def _input_of(request: Request) -> Any:
-    body = await json_body(request)
+    return input_of(await request.body())
+
+
+def input_of(raw: bytes) -> Any:
+    """The `input` of a call's body, or a 400 or 422 that says what is wrong with the body."""
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise ApiException(422, "invalid_input", 'the body must be a JSON object: {"input": {...}}')
     unknown = set(body) - {"input"}

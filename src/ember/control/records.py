@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,33 @@ from ember.core.prewarm import IdleHistogram
 from ember.core.pricing import Resources
 from ember.core.spec import FunctionSpec
 from ember.core.timings import WorkerStart
+
+
+class Done(asyncio.Event):
+    """A job's end: an Event that also calls back, so that a call answered straight from the
+    HTTP protocol (`api/invoke.py`) waits for its job without a task of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once, when the job ends (at once, if it has)."""
+        if self.is_set():
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def remove_callback(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+    def set(self) -> None:
+        super().set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
 
 InputValidator = validators.extend(
     Draft202012Validator,
@@ -124,7 +153,7 @@ class Job:
     timer: asyncio.TimerHandle | None = None
     stored: asyncio.Future[None] | None = None
     """Its row's INSERT, once queued (`JobBook.store`); None while it lives in memory alone."""
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: Done = field(default_factory=lambda: Done())
     _changed: asyncio.Event | None = field(default=None, repr=False)
 
     @property

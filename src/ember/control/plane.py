@@ -49,7 +49,6 @@ from ember.control.settings import Settings
 from ember.control.tokens import TokenBook
 from ember.control.vault import Vault
 from ember.control.workers import Events, Workers
-from ember.core.isolation import refusal
 from ember.core.jobs import JobStatus
 from ember.core.metering import Phase, check_query
 from ember.core.placement import Never, Placed, place
@@ -108,7 +107,7 @@ class ControlPlane:
                 store_attempts=self.jobs.store_attempts,
                 kill=self.workers.kill,
                 phase=self._phase,
-                settled=self._scale,
+                settled=self._scale_soon,
                 home_of=self.deployments.home_of,
                 track=self.jobs.track,
             ),
@@ -237,26 +236,11 @@ class ControlPlane:
             "envs": app.describe()["envs"],
             "warnings": [
                 *self.deployments.unplaceable(app, self.backend.inventory),
-                *self._unsandboxed(app),
+                *views.unsandboxed(
+                    app, self.sandbox is not None, self.unsandboxed_why, self.settings
+                ),
             ],
         }
-
-    def _unsandboxed(self, app: AppState) -> list[str]:
-        """The deploy's warning when its calls will fail for want of a sandbox."""
-        reasons = {
-            refusal(
-                sandboxed=self.sandbox is not None,
-                workspace=app.workspace,
-                tenant_isolation=self.settings.tenant_isolation,
-                block_network=pool.spec.block_network,
-            )
-            for pool in app.pools.values()
-        }
-        return [
-            f"this server runs no worker sandbox ({self.unsandboxed_why}); its calls will fail: "
-            + why
-            for why in sorted(r for r in reasons if r is not None)
-        ]
 
     async def _ready(self, app: AppState, wait: bool) -> None:
         await rollout.prepare(self.backend, app, self._template_log)
@@ -316,8 +300,7 @@ class ControlPlane:
         job = self.jobs.accept(workspace, app, meta, input, policy=policy, token=token, tags=tags)
         pool = state.pool(meta.unit, policy)
         self.dispatch.enqueue(pool, job)
-        # Scaled later in this turn of the loop: the job's frame to its worker goes out first.
-        asyncio.get_running_loop().call_soon(self._scale, pool)
+        self._scale_soon(pool)
         return job
 
     def stored(self, job: Job) -> asyncio.Future[None]:
@@ -340,7 +323,16 @@ class ControlPlane:
         self.dispatch.pump(pool)
         self._scale(pool)
 
+    def _scale_soon(self, pool: Pool) -> None:
+        """Scale the pool after what this turn of the loop does: the job's frame to its worker
+        goes out first, and the calls and results of one turn make one plan, not one each."""
+        if pool.scale_due:
+            return
+        pool.scale_due = True
+        asyncio.get_running_loop().call_soon(self._scale, pool)
+
     def _scale(self, pool: Pool) -> None:
+        pool.scale_due = False
         if self._stopping:
             return
         plan = self.scaler.plan(pool)

@@ -303,6 +303,8 @@ class Pool:
     hist: IdleHistogram = field(default_factory=IdleHistogram)
     """Idle times between calls, for `prewarm="auto"`."""
     last_call_end: float | None = None
+    scale_due: bool = False
+    """A plan for this pool is already due in this turn of the loop (`ControlPlane._scale_soon`)."""
 
 
 @dataclass(eq=False)

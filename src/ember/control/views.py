@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ember.control.records import AppState, Worker
+from ember.control.settings import Settings
+from ember.core.isolation import refusal
 from ember.core.placement import Gpu
 
 
@@ -80,3 +82,20 @@ def env_users(apps: Iterable[AppState]) -> dict[str, list[str]]:
         for env_id, units in by_env.items():
             users.setdefault(env_id, []).append(f"{app.name} v{app.version}: {', '.join(units)}")
     return users
+
+
+def unsandboxed(app: AppState, sandboxed: bool, why: str | None, settings: Settings) -> list[str]:
+    """A deploy's warning when its calls will fail for want of a worker sandbox."""
+    reasons = {
+        refusal(
+            sandboxed=sandboxed,
+            workspace=app.workspace,
+            tenant_isolation=settings.tenant_isolation,
+            block_network=pool.spec.block_network,
+        )
+        for pool in app.pools.values()
+    }
+    return [
+        f"this server runs no worker sandbox ({why}); its calls will fail: " + r
+        for r in sorted(r for r in reasons if r is not None)
+    ]

@@ -1,7 +1,7 @@
 """The worker process: connect, import the bundle, run `@enter` hooks, then serve jobs.
 
-Sync code runs in a thread pool of `concurrency` threads, async code as tasks on this process's
-event loop; generator outputs are sent as they are yielded. If the connection to the server drops
+Sync code runs in a pool of `concurrency` threads (`threads.LifoPool`), async code as tasks on
+this process's event loop; generator outputs are sent as they are yielded. If the connection to the server drops
 (the server died), the process exits at once: a dead server leaves no workers behind.
 
 The event loop reads the connection (runs, cancels, a drain); frames to the server are written
@@ -24,13 +24,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from ember.worker import protocol
 from ember.worker.loading import Loaded, load_unit, run_hooks
 from ember.worker.output import Capture, current_job, error_body, output_json, redactor_from_env
+from ember.worker.threads import LifoPool
 
 
 class Cancelled(BaseException):
@@ -59,7 +60,7 @@ class Worker:
         self.redact = redactor_from_env(env, secrets_seen)
         """Applied to everything sent to the server that user code produced: log lines,
         outputs, errors. None when the function has no secrets."""
-        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="job")
+        self.pool = LifoPool(self.concurrency, name="job")
         self.targets: dict[str, tuple[Callable[..., Any], str]] = {}
         self.exit_hooks: list[Callable[[], Any]] = []
         self.tasks: dict[str, asyncio.Task[None]] = {}

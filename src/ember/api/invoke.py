@@ -19,7 +19,6 @@ queue, a spent budget are all answered, and audited, exactly as before.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from collections.abc import Callable
@@ -45,8 +44,6 @@ from ember.control.errors import (
 )
 from ember.control.plane import ControlPlane
 from ember.control.records import Job
-
-log = logging.getLogger("ember.server")
 
 _CALL = re.compile(r"/v1/apps/([^/]+)/([^/]+)/(run|runsync)")
 _WAIT = re.compile(rb"wait=(\d{1,4}(?:\.\d{1,6})?)")

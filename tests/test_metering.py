@@ -361,7 +361,7 @@ def test_price_file_overrides_prices_and_per_second_billing_rounds_each_worker_u
         lifetime_ms = (w["ended_at"] - w["started_at"]) * 1000
         assert abs(billed - round(billed / 1000) * 1000) < 0.01, (wid, billed)
         assert lifetime_ms - 0.01 <= billed < lifetime_ms + 1000, (billed, lifetime_ms)
-        assert billed >= 1000
+        assert billed >= 1000 - 0.01  # a float sum of the records' parts: 999.9999999999999 is 1 s
         gpu = {"H100": 0.01, "L4": L4}.get(recs[0]["gpu_type"], 0.0)
         for r in recs:
             rate = gpu * r["gpu_count"] + BASE

@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from conftest import Server, spawn, wait_for
 from ember.control.audit import MAX_SOURCES, OTHERS, AuditLog
 from ember.sdk.deploy import load_apps, manifest
-from ember.store.db import make_engine, migrate, sqlite_url
+from ember.store.db import make_engine, migrate
 from test_cli import ember, plain
 
 SECRET_VALUE = "sk-audit-S3cret-value-94c1e7"
@@ -374,11 +374,11 @@ def test_a_flood_of_refused_requests_is_a_handful_of_counted_rows(server: Server
     assert sum(e["count"] for e in again) == flood + 1
 
 
-def test_refusals_from_more_sources_than_counters_share_one(tmp_path: Path) -> None:
+def test_refusals_from_more_sources_than_counters_share_one(store_url: str) -> None:
     """Past MAX_SOURCES counters in a minute the rest share one row: memory and rows stay
     bounded however many addresses a flood comes from (driven on the room itself, on a real
-    store, since every request of a test comes from 127.0.0.1)."""
-    engine = make_engine(sqlite_url(tmp_path))
+    store, SQLite and PostgreSQL, since every request of a test comes from 127.0.0.1)."""
+    engine = make_engine(store_url)
     migrate(engine)
     log = AuditLog(engine)
     sources = MAX_SOURCES + 500

@@ -10,13 +10,14 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import pg
 from conftest import Server, result, spawn, wait_for, worker_pids
 from ember.config import DEFAULT_MAX_PAYLOAD
 from ember.errors import EmberError
@@ -143,14 +144,26 @@ def submitters(
     return accepted, stop, pool
 
 
-@pytest.mark.parametrize("durability", ["normal", "full"])
+@pytest.fixture(params=["normal", "full", "postgresql"])
+def durable_store(request: pytest.FixtureRequest) -> Iterator[tuple[list[str], str]]:
+    """The server flags of a store, and the line its server prints about it: SQLite with either
+    `--durability`, and PostgreSQL (a database of its own, tests/pg.py). Ask for it before
+    `make_server`, so that the database outlives the server."""
+    if request.param == "postgresql":
+        with pg.database() as url:
+            yield ["--db", url], "store: postgresql+psycopg://"
+    else:
+        yield ["--durability", request.param], f"durability: {request.param}"
+
+
 def test_kill9_under_sustained_load_loses_no_accepted_job(
-    make_server: Callable[..., Server], durability: str
+    durable_store: tuple[list[str], str], make_server: Callable[..., Server]
 ) -> None:
     """Four clients submit back to back while the server is killed: whatever got its 202
     survives, however close to the kill it was accepted, and runs once more to completion."""
-    server = make_server("--durability", durability)
-    assert f"durability: {durability}" in server.log()
+    flags, line = durable_store
+    server = make_server(*flags)
+    assert line in server.log()
     server.deploy(SOURCE)
     accepted, stop, threads = submitters(server, "durable", "quick", threads=4)
     wait_for(lambda: len(accepted) >= 200, timeout=30, what="a stream of accepted jobs")

@@ -7,8 +7,9 @@ it and folds them into its rollups. Every answer, for windows that are whole day
 unaligned, empty or inside one hour, is compared with `summarize` over the raw records: equal to
 the last bit, not approximately. So are the rollup rows themselves with the sums they stand for,
 after a restart, after real workers metered more usage, and after a kill -9 under per-second
-billing (whose restart rounds the orphans' last records up). A data dir at revision 0003 with
-usage and audit rows in it is upgraded. Health keeps answering while usage is queried.
+billing (whose restart rounds the orphans' last records up): on SQLite and on PostgreSQL,
+whose SQL rounds, casts and sums differently. A data dir at revision 0003 with usage and audit
+rows in it is upgraded. Health keeps answering while usage is queried.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from conftest import Server, wait_for, worker_pids
 from ember.control.meter import read_usage, usage_row
@@ -93,9 +94,12 @@ T0 = float(bucket_of(time.time() - 4 * DAY, DAY))
 """A UTC midnight four days ago: the records span three days from there."""
 
 
-def fill(data_dir: Path, rows: list[dict[str, Any]], revision: str = "head") -> None:
+def fill(
+    data_dir: Path, rows: list[dict[str, Any]], revision: str = "head", db: str | None = None
+) -> None:
+    """Migrate the store (`db`, else SQLite in `data_dir`) to `revision` and write `rows`."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    engine = make_engine(sqlite_url(data_dir))
+    engine = make_engine(db or sqlite_url(data_dir))
     if revision == "head":
         migrate(engine)
     else:
@@ -112,6 +116,14 @@ def fill(data_dir: Path, rows: list[dict[str, Any]], revision: str = "head") -> 
 
 def db_rows(server: Server, *queries: str) -> list[dict[str, Any]]:
     """The rows of each query, all read in one transaction (one snapshot of the store)."""
+    if not server.db_url.startswith("sqlite"):
+        engine = make_engine(server.db_url)
+        try:
+            with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+                got = [[dict(r) for r in conn.execute(text(q)).mappings()] for q in queries]
+        finally:
+            engine.dispose()
+        return got[0] if len(queries) == 1 else got  # type: ignore[return-value]
     db = sqlite3.connect(f"file:{server.data_dir / 'ember.db'}?mode=ro", uri=True, timeout=10)
     try:
         db.row_factory = sqlite3.Row
@@ -248,7 +260,7 @@ def answers_equal_raw(
 ) -> int:
     """Every window (or the `first` few) and query form: the API's answer is the raw answer,
     exactly. How many groups were compared."""
-    engine = make_engine(sqlite_url(server.data_dir))
+    engine = make_engine(server.db_url)
     try:
         records = read_usage(engine, workspace, None, None)
     finally:
@@ -269,10 +281,12 @@ def filled(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """A server on a data dir holding 20,000 records written before it started."""
     servers: list[Server] = []
 
-    def make(*args: str, revision: str = "head", n: int = 20_000) -> Server:
+    def make(*args: str, revision: str = "head", n: int = 20_000, db: str | None = None) -> Server:
         data_dir = tmp_path / f"data{len(servers)}"
-        fill(data_dir, usage_rows(n, T0), revision)
-        server = Server(data_dir, list(args))
+        if db is not None and db.startswith("sqlite"):
+            db = None  # `store_url`'s SQLite: the data dir's own file, as without --db
+        fill(data_dir, usage_rows(n, T0), revision, db)
+        server = Server(data_dir, [*args, "--db", db] if db else list(args))
         servers.append(server)
         return server.start(timeout=60)
 
@@ -281,8 +295,10 @@ def filled(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         s.shutdown(timeout=15)
 
 
-def test_rollups_answer_exactly_what_the_raw_records_do(filled: Callable[..., Server]) -> None:
-    server = filled()
+def test_rollups_answer_exactly_what_the_raw_records_do(
+    store_url: str, filled: Callable[..., Server]
+) -> None:
+    server = filled(db=store_url)
     rollup_matches_records(server)
     assert answers_equal_raw(server) > 200
     # the other workspace sees its own usage, from the same rollups
@@ -316,11 +332,11 @@ def nap(s: float) -> float:
 
 
 def test_usage_the_meter_writes_is_folded_as_it_is_written(
-    filled: Callable[..., Server], tmp_path: Path
+    store_url: str, filled: Callable[..., Server], tmp_path: Path
 ) -> None:
     prices = tmp_path / "prices.toml"
     prices.write_text('billing = "second"\n')
-    server = filled("--prices", str(prices), n=2000)
+    server = filled("--prices", str(prices), n=2000, db=store_url)
     server.deploy(NAP)
     for _ in range(3):
         assert server.client.runsync("napper", "nap", {"s": 0.05})["status"] == "COMPLETED"
@@ -386,7 +402,7 @@ def test_a_0003_data_dir_with_usage_and_audit_rows_is_upgraded(tmp_path: Path) -
     try:
         server.start(timeout=60)
         assert db_rows(server, "SELECT version_num FROM alembic_version") == [
-            {"version_num": "0005"}
+            {"version_num": "0006"}
         ]
         rollup_matches_records(server)
         answers_equal_raw(server)

@@ -1,17 +1,17 @@
 """The store's writer: group commit, statements joined into executemany, one bad row not losing
-the others. Against a real SQLite file."""
+the others. Against a real SQLite file and a real PostgreSQL database (`store_url`)."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, insert, select, update
 from sqlalchemy import bindparam as bp
 
-from ember.store.db import make_engine, sqlite_url
+from ember.store.db import make_engine
 from ember.store.writer import Execute, Writer, _grouped, execute
 
 meta = MetaData()
@@ -26,10 +26,11 @@ FINISH = update(items).where(items.c.id == bp("item_id")).values(state=bp("new_s
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    e = make_engine(sqlite_url(tmp_path))
+def engine(store_url: str) -> Iterator[Engine]:
+    e = make_engine(store_url)
     meta.create_all(e)
-    return e
+    yield e
+    e.dispose()
 
 
 def rows(engine: Engine) -> dict[int, str]:

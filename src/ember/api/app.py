@@ -20,7 +20,7 @@ from ember.api.limits import PayloadLimit
 from ember.api.routes import audit, public, router
 from ember.control.plane import ControlPlane
 from ember.control.settings import Settings
-from ember.store.db import make_engine, migrate, sqlite_url
+from ember.store.db import open_store, sqlite_url
 
 log = logging.getLogger("ember.server")
 
@@ -42,11 +42,12 @@ class Served:
 
 
 def create_app(settings: Settings, *, max_payload: int, db_url: str | None = None) -> Served:
+    """`db_url`: the store (default: SQLite in the data dir); raises `StoreUnavailable` where it
+    cannot be opened or migrated."""
     # Inputs, outputs and deployed code live here: readable by the server's user alone.
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.data_dir.chmod(0o700)
-    engine = make_engine(db_url or sqlite_url(settings.data_dir), settings.durability)
-    migrate(engine)
+    engine = open_store(db_url or sqlite_url(settings.data_dir), settings.durability)
     for name in ("ember.db", "ember.db-wal", "ember.db-shm"):  # the umask may have been loose
         if (settings.data_dir / name).exists():
             (settings.data_dir / name).chmod(0o600)

@@ -42,8 +42,15 @@ from ember.core.templates import to_stop
 log = logging.getLogger("ember.backend")
 
 
-SERVER_ONLY = ("EMBER_MASTER_KEY", "EMBER_TOKEN")
-"""Variables of the server's environment that user code must never see."""
+SERVER_ONLY = (
+    "EMBER_MASTER_KEY",
+    "EMBER_TOKEN",
+    "EMBER_DATABASE_URL",
+    "EMBER_DB_URL",
+    "PGPASSWORD",
+)
+"""Variables of the server's environment that user code must never see (the store's URL may
+hold its password)."""
 
 
 class Unisolated(RuntimeError):

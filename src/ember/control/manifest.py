@@ -17,7 +17,11 @@ from jsonschema.exceptions import SchemaError
 from ember.core.names import NAME_RE
 from ember.core.spec import KINDS, FunctionSpec, SpecError, parse_tags
 
-FN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+FN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63})?$")
+"""A function, or a class and its method, each at most 64 characters: the store's columns
+(`unit`, `function`), which PostgreSQL enforces."""
+MAX_PATH = 255
+"""The longest deployed file name and module (the store's `filename` and `module` columns)."""
 FILENAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
 PATH_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*/){0,16}[A-Za-z_][A-Za-z0-9_]*\.py$")
 """The deployed file's path inside a bundle: `main.py`, `pkg/sub/app.py`."""
@@ -70,7 +74,11 @@ def validate_manifest(m: Any) -> dict[str, Any]:
     if not isinstance(wait, bool):
         raise DeployError("'wait' must be true or false")
     if bundle is None:
-        if not isinstance(filename, str) or not FILENAME_RE.fullmatch(filename):
+        if (
+            not isinstance(filename, str)
+            or not FILENAME_RE.fullmatch(filename)
+            or len(filename) > MAX_PATH
+        ):
             raise DeployError("'filename' must be a Python module file name such as 'hello.py'")
         if not isinstance(source, str):
             raise DeployError("'source' must be the text of the file (or send a 'bundle')")
@@ -80,7 +88,9 @@ def validate_manifest(m: Any) -> dict[str, Any]:
             raise DeployError("'bundle' must be the sha256 (64 hex digits) of an uploaded bundle")
         if not isinstance(filename, str) or not PATH_RE.fullmatch(filename):
             raise DeployError("'filename' must be the deployed file's path in the bundle")
-        if not isinstance(module, str) or not MODULE_RE.fullmatch(module):
+        if len(filename) > MAX_PATH:
+            raise DeployError(f"'filename' must be at most {MAX_PATH} characters")
+        if not isinstance(module, str) or not MODULE_RE.fullmatch(module) or len(module) > MAX_PATH:
             raise DeployError("'module' must be a dotted module name such as 'pkg.main'")
         if source is not None:
             raise DeployError("send either 'source' (one file) or 'bundle', not both")
@@ -97,7 +107,9 @@ def validate_manifest(m: Any) -> dict[str, Any]:
             raise DeployError("each entry of 'functions' must be an object")
         fname, unit, kind, params = f.get("name"), f.get("unit"), f.get("kind"), f.get("params")
         if not isinstance(fname, str) or not FN_NAME_RE.fullmatch(fname):
-            raise DeployError(f"function name {fname!r} must be NAME or Class.method")
+            raise DeployError(
+                f"function name {fname!r} must be NAME or Class.method (each at most 64 characters)"
+            )
         if fname in seen:
             raise DeployError(f"function {fname!r} appears twice")
         if not isinstance(unit, str) or fname.split(".")[0] != unit:

@@ -40,7 +40,9 @@ class Spend:
 
     def load(self, conn: Connection, now: float) -> None:
         u = tables.usage.c
-        day = cast(u.start / 86400, Integer)  # the UTC day number
+        day = cast(u.start / 86400, Integer)  # the UTC day number: SQLite's CAST truncates,
+        if conn.dialect.name == "postgresql":  # PostgreSQL's rounds
+            day = cast(func.floor(u.start / 86400), Integer)
         rows = conn.execute(
             select(u.workspace, u.policy, day, func.sum(u.usd))
             .where(u.policy.is_not(None), u.start >= now - SPEND_HISTORY_DAYS * 86400)

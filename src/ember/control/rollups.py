@@ -115,7 +115,9 @@ def fold_usage(conn: Connection) -> int:
         if tags is None:
             tags = tags_cache[raw_tags] = canonical_tags(json.loads(raw_tags))
         shape = make_shape(app, unit, phase, gpu_type, gpu_count, cpu, policy, tags)
-        billed_us, usd_pico, starts, records, longest = row[10:]
+        # PostgreSQL's SUM of bigints is a numeric (a Decimal here): made exact ints again
+        billed_us, usd_pico, starts, records = (int(v) for v in row[10:14])
+        longest = row[14]
         folded += records
         for span, step in SPANS.items():
             key = (span, ws, bucket_of(bucket, step), shape)
@@ -233,7 +235,8 @@ def _rollup_cells(
         shape: dict[str, Any] = dict.fromkeys(_SHAPE, "")
         shape.update(zip(kept, row[at : at + len(kept)], strict=True))
         t = row[0] if by_bucket else 0.0
-        out.append((t, Shape(**shape), Totals(*row[at + len(kept) :])))
+        totals = (int(v) for v in row[at + len(kept) :])  # PostgreSQL's SUM: Decimal
+        out.append((t, Shape(**shape), Totals(*totals)))
     return out
 
 

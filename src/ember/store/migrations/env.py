@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
 
 from ember.store.tables import metadata
 
 connection = context.config.attributes.get("connection")
-if connection is None:  # `alembic` on the command line: EMBER_DB_URL or ./.ember
-    import os
-
+if connection is None:  # the `alembic` command line: EMBER_DATABASE_URL, else ./.ember
     from ember import config
+    from ember.store.db import env_url, make_engine, sqlite_url
 
-    url = os.environ.get("EMBER_DB_URL") or f"sqlite:///{config.data_dir() / 'ember.db'}"
-    connection = create_engine(url).connect()
+    connection = make_engine(env_url() or sqlite_url(config.data_dir())).connect()
 
 context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
 with context.begin_transaction():

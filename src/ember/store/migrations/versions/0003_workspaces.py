@@ -19,6 +19,13 @@ branch_labels = None
 depends_on = None
 
 
+PG_REFUSE = (
+    "CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$"
+)
+"""PostgreSQL's triggers call a function: this one refuses whatever it is called for."""
+
+
 def _ws() -> sa.Column[str]:
     return sa.Column("workspace", sa.String(64), nullable=False, server_default="default")
 
@@ -38,7 +45,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("expires_at", sa.Float))
         batch.add_column(sa.Column("revoked_at", sa.Float))
         batch.add_column(sa.Column("bootstrap", sa.Boolean, nullable=False, server_default="0"))
-    op.execute("UPDATE tokens SET bootstrap = 1 WHERE name = 'admin'")
+    tokens = sa.table("tokens", sa.column("name", sa.String), sa.column("bootstrap", sa.Boolean))
+    op.execute(tokens.update().where(tokens.c.name == "admin").values(bootstrap=True))
 
     op.create_table(
         "apps_v3",
@@ -76,6 +84,11 @@ def upgrade() -> None:
     op.drop_table("apps")
     op.rename_table("apps_v3", "apps")
     op.rename_table("versions_v3", "versions")
+    if op.get_bind().dialect.name == "postgresql":  # the ids copied over: new ones follow them
+        op.execute(
+            "SELECT setval(pg_get_serial_sequence('versions', 'id'), COALESCE(MAX(id), 0) + 1, "
+            "false) FROM versions"
+        )
 
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(_ws())
@@ -123,13 +136,24 @@ def upgrade() -> None:
         sa.Column("ip", sa.String(64)),
     )
     op.create_index("ix_audit_ts", "audit", ["ts"])
+    # Append-only below the API too: a stray UPDATE or DELETE fails instead of rewriting history.
     if op.get_bind().dialect.name == "sqlite":
-        # Append-only below the API too: a stray UPDATE or DELETE fails instead of rewriting history.
         for verb in ("UPDATE", "DELETE"):
             op.execute(
                 f"CREATE TRIGGER audit_no_{verb.lower()} BEFORE {verb} ON audit "
                 "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END"
             )
+    elif op.get_bind().dialect.name == "postgresql":
+        op.execute(PG_REFUSE)
+        for verb in ("UPDATE", "DELETE"):
+            op.execute(
+                f"CREATE TRIGGER audit_no_{verb.lower()} BEFORE {verb} ON audit "
+                "FOR EACH ROW EXECUTE FUNCTION audit_append_only()"
+            )
+        op.execute(
+            "CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
+            "FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only()"
+        )
 
 
 def downgrade() -> None:

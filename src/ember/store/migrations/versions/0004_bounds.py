@@ -4,7 +4,8 @@
 usage record into it (`ember.control.meter.fold_usage`), in the same code that folds new ones.
 Audit rows gain `count` (1 for every existing event) and `last_ts`; on SQLite the trigger that
 refuses UPDATE now lets exactly one kind through: raising the count and last time of a row of
-aggregated refusals, every other column unchanged. DELETE stays refused.
+aggregated refusals, every other column unchanged. DELETE stays refused. PostgreSQL gets the
+same rule as a trigger function.
 
 Revision ID: 0004
 Revises: 0003
@@ -33,6 +34,26 @@ NO_UPDATE = (
     "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit "
     "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END"
 )
+
+PG_COUNTER_ONLY = (
+    "CREATE FUNCTION audit_counter_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "IF "
+    + " AND ".join(
+        f"NEW.{c} IS NOT DISTINCT FROM OLD.{c}"
+        for c in ("id", "ts", "workspace", "actor", "action", "target", "outcome", "detail", "ip")
+    )
+    + " AND OLD.last_ts IS NOT NULL AND NEW.count >= OLD.count AND NEW.last_ts >= OLD.last_ts "
+    "THEN RETURN NEW; END IF; RAISE EXCEPTION 'the audit trail is append-only'; END $$"
+)
+"""The same rule on PostgreSQL (0003 made its append-only triggers there)."""
+
+
+def _pg_update_trigger(function: str) -> None:
+    op.execute("DROP TRIGGER IF EXISTS audit_no_update ON audit")
+    op.execute(
+        "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit "
+        f"FOR EACH ROW EXECUTE FUNCTION {function}()"
+    )
 
 
 def upgrade() -> None:
@@ -85,12 +106,18 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         op.execute("DROP TRIGGER IF EXISTS audit_no_update")
         op.execute(COUNTER_ONLY)
+    elif op.get_bind().dialect.name == "postgresql":
+        op.execute(PG_COUNTER_ONLY)
+        _pg_update_trigger("audit_counter_only")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         op.execute("DROP TRIGGER IF EXISTS audit_no_update")
         op.execute(NO_UPDATE)
+    elif op.get_bind().dialect.name == "postgresql":
+        _pg_update_trigger("audit_append_only")
+        op.execute("DROP FUNCTION audit_counter_only()")
     op.drop_column("audit", "last_ts")
     op.drop_column("audit", "count")
     op.drop_index("ix_usage_workspace_start", "usage")

@@ -1,0 +1,64 @@
+"""Options of `ember server` with more to say than fits in its signature (cli/main.py)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+
+class Durability(StrEnum):
+    """`ember server --durability`: SQLite's `synchronous` setting for the store."""
+
+    normal = "normal"
+    full = "full"
+
+
+DurabilityOption = Annotated[
+    Durability,
+    typer.Option(
+        help="normal: an accepted job survives a kill of the server; full: also an OS crash "
+        "or power loss, at an fsync per commit (docs/reliability.md). SQLite only: on "
+        "PostgreSQL a commit is durable once acknowledged, either way"
+    ),
+]
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="the store's SQLAlchemy URL, e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/DB "
+        "to share one PostgreSQL database (docs/scale-out.md) [default: $EMBER_DATABASE_URL, "
+        "else SQLite in the data dir]",
+        show_default=False,
+    ),
+]
+
+
+class BackendName(StrEnum):
+    """`ember server --backend`: what runs the workers."""
+
+    local = "local"
+    ray = "ray"
+
+
+BackendOption = Annotated[
+    BackendName,
+    typer.Option(
+        envvar="EMBER_BACKEND",
+        help="local: worker processes on this machine; ray: each worker a Ray actor on the "
+        "nodes of a Ray cluster, GPUs from its nodes (pip install 'ember[ray]'; "
+        "docs/scale-out.md)",
+    ),
+]
+
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="EMBER_RAY_ADDRESS",
+        help="with --backend ray: the cluster to join, e.g. 127.0.0.1:6379 (the head's "
+        "`ray start --head` address) [default: $RAY_ADDRESS, else a cluster on this machine]",
+        show_default=False,
+    ),
+]

@@ -517,3 +517,38 @@ PlacementMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=30, deadline=None
 )
 test_placement_over_allocations_and_releases = PlacementMachine.TestCase
+
+
+# ----------------------------------------------------------------- nodes (the Ray backend)
+def _two_nodes() -> tuple[Gpu, ...]:
+    """Node a: an H100 and an L4; node b: two H100s (indexes as a cluster hands them out)."""
+    return (
+        Gpu(0, "H100", 80 * GIB, True, node="a"),
+        Gpu(1, "L4", 24 * GIB, True, node="a"),
+        Gpu(2, "H100", 80 * GIB, True, node="b"),
+        Gpu(3, "H100", 80 * GIB, True, node="b"),
+    )
+
+
+def test_a_multi_gpu_worker_stays_on_one_node() -> None:
+    """Three H100s are free, but only node b has two: a worker's GPUs share a machine."""
+    assert place([GpuRequest("H100", 2)], None, _two_nodes(), ()) == Placed((2, 3), "H100")
+
+
+def test_a_multi_gpu_worker_waits_rather_than_spanning_nodes() -> None:
+    """With one H100 taken on node b, two free H100s remain, one per node: that is a wait."""
+    held = [Allocation("w1", (3,))]
+    assert isinstance(place([GpuRequest("H100", 2)], None, _two_nodes(), held), Wait)
+
+
+def test_more_gpus_than_any_node_has_is_never_and_says_why() -> None:
+    fit = place([GpuRequest("H100", 3)], None, _two_nodes(), ())
+    assert isinstance(fit, Never)
+    assert "all on one node" in fit.reason
+
+
+def test_one_gpu_workers_fill_nodes_in_inventory_order() -> None:
+    """A fallback list lands on the first type that fits, on whichever node has it."""
+    assert place([GpuRequest("A100"), GpuRequest("L4")], None, _two_nodes(), ()) == Placed(
+        (1,), "L4"
+    )

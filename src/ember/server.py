@@ -1,4 +1,4 @@
-"""`ember server`: one process with the API, the control plane, SQLite and local workers."""
+"""`ember server`: one process with the API, the control plane, the store and local workers."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import uvicorn
 
 from ember.api import connections
 from ember.api.app import create_app
+from ember.backends.ray import RayUnavailable
 from ember.config import TOKEN_FILE
 from ember.control.settings import Settings
 from ember.core.placement import GIB, Gpu, parse_declared
 from ember.core.pricing import PriceError, PriceTable, parse_prices
 from ember.core.quotas import Quotas, duration_text, parse_duration, parse_size, size_text
+from ember.store.db import StoreUnavailable, env_url, shown
 
 
 class ServerConfigError(ValueError):
@@ -116,6 +118,21 @@ def _housekeeping() -> dict[str, Any]:
     return out
 
 
+def store_line(db_url: str | None, durability: str) -> str:
+    """What the store is and what an accepted job survives (docs/reliability.md,
+    docs/scale-out.md)."""
+    if db_url and not db_url.startswith("sqlite"):
+        return (
+            f"store: {shown(db_url)}\ndurability: an accepted job survives a server kill, and "
+            "whatever PostgreSQL's commits survive (synchronous_commit=on; --durability is "
+            "SQLite's setting)"
+        )
+    survives = (
+        "a server kill" if durability == "normal" else "a server kill, an OS crash, power loss"
+    )
+    return f"durability: {durability} (an accepted job survives {survives})"
+
+
 def serve(
     *,
     host: str,
@@ -135,6 +152,8 @@ def serve(
     quotas: Quotas | None = None,
     max_connections: int | None = None,
     header_timeout: float = connections.HEADER_TIMEOUT,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -151,9 +170,16 @@ def serve(
     # TLS is done by the connection guard, so that a handshake counts against its deadline and cap
     tls = connections.tls_context(str(tls_cert), str(tls_key)) if tls_cert and tls_key else None
     housekeeping = _housekeeping()
+    if backend == "ray" and gpus:
+        raise ServerConfigError(
+            "--gpus declares GPUs of the local backend; on Ray, declare them to Ray "
+            "(ray start --num-gpus 2 --resources '{\"accelerator_type:L4\": 1}')"
+        )
     settings = Settings(
         data_dir=data_dir,
-        inventory=inventory(gpus),
+        inventory=inventory(gpus) if backend == "local" else (),
+        backend=backend,
+        ray_address=ray_address,
         prices=prices(price_file),
         templates=templates,
         host=host,
@@ -165,7 +191,11 @@ def serve(
         **housekeeping,
     )
     isolation = describe_sandbox(sandbox, tenant_isolation)
-    served = create_app(settings, max_payload=max_payload, db_url=db_url)
+    db_url = db_url or env_url()
+    try:
+        served = create_app(settings, max_payload=max_payload, db_url=db_url)
+    except (StoreUnavailable, RayUnavailable, ValueError) as exc:
+        raise ServerConfigError(str(exc)) from None
     config = uvicorn.Config(
         served.app,
         host=host,
@@ -182,17 +212,21 @@ def serve(
         f"ember server on {'https' if settings.tls else 'http'}://{host}:{port}  (data dir {data_dir}, token in {data_dir / TOKEN_FILE})",
         flush=True,
     )
-    for line in describe(settings.inventory, settings.prices):
-        print(line, flush=True)
+    if backend == "ray":
+        print(
+            f"backend: ray ({ray_address or 'auto'}): workers are Ray actors, GPUs come from "
+            "the cluster's nodes, read again every second (`ember nodes`; docs/scale-out.md)",
+            flush=True,
+        )
+    else:
+        for line in describe(settings.inventory, settings.prices):
+            print(line, flush=True)
     print(limits.describe(), flush=True)
     print(
         f"billing: per {'second, rounded up per worker' if settings.prices.billing == 'second' else 'millisecond'}",
         flush=True,
     )
-    survives = (
-        "a server kill" if durability == "normal" else "a server kill, an OS crash, power loss"
-    )
-    print(f"durability: {durability} (an accepted job survives {survives})", flush=True)
+    print(store_line(db_url, durability), flush=True)
     print(settings.quotas.describe(), flush=True)
     print(isolation, flush=True)
     print(

@@ -72,8 +72,12 @@ class Backend(Protocol):
     """Shown in `/v1/nodes`: local, ray."""
     node: str
     """The node the workers run on, as people know it (a host name)."""
-    inventory: tuple[Gpu, ...]
-    """The GPUs workers may be placed on, discovered or declared."""
+
+    @property
+    def inventory(self) -> tuple[Gpu, ...]:
+        """The GPUs workers may be placed on, discovered or declared; on a cluster it changes
+        as nodes join and leave (read it each time, do not keep it)."""
+        ...
 
     async def prepare(
         self,

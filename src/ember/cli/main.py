@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +16,14 @@ from ember import config
 from ember.cli import admin
 from ember.cli.common import ago, api_client, epoch, err, fail, out, print_json, request
 from ember.cli.envs import env_app
+from ember.cli.serving import (
+    BackendName,
+    BackendOption,
+    DbOption,
+    Durability,
+    DurabilityOption,
+    RayAddressOption,
+)
 from ember.errors import EmberError
 
 app = typer.Typer(
@@ -29,13 +36,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class Durability(StrEnum):
-    """`ember server --durability`: SQLite's `synchronous` setting for the store."""
-
-    normal = "normal"
-    full = "full"
 
 
 def _split(target: str) -> tuple[str, str]:
@@ -137,13 +137,10 @@ def server(
             "able to read the data dir (token, master.key, database) and other workers"
         ),
     ] = True,
-    durability: Annotated[
-        Durability,
-        typer.Option(
-            help="normal: an accepted job survives a kill of the server; full: also an OS crash "
-            "or power loss, at an fsync per commit (docs/reliability.md)"
-        ),
-    ] = Durability.normal,
+    durability: DurabilityOption = Durability.normal,
+    db: DbOption = None,
+    backend: BackendOption = BackendName.local,
+    ray_address: RayAddressOption = None,
     max_connections: Annotated[
         int,
         typer.Option(
@@ -173,7 +170,8 @@ def server(
         str, typer.Option(help="size of an app's log file; rotated, one previous file kept")
     ] = "64MiB",
 ) -> None:
-    """Run ember on this machine: the API, SQLite in the data dir, and local worker processes.
+    """Run ember on this machine: the API, the store (SQLite in the data dir, or --db), and
+    local worker processes.
 
     Stop it with Ctrl-C or SIGTERM: every worker it started is stopped too.
     """
@@ -205,6 +203,9 @@ def server(
             sandbox=sandbox,
             tenant_isolation=tenant_isolation,
             durability=durability.value,
+            db_url=db,
+            backend=backend.value,
+            ray_address=ray_address,
             max_connections=max_connections,
             header_timeout=header_timeout,
             quotas=quotas,

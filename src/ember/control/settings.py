@@ -40,3 +40,7 @@ class Settings:
     """Bytes a code bundle may unpack to (EMBER_BUNDLE_LIMIT)."""
     durability: str = "normal"
     """SQLite's `synchronous` for the store: "normal" or "full" (docs/reliability.md)."""
+    backend: str = "local"
+    """What runs workers: `local` (processes here) or `ray` (actors of a Ray cluster)."""
+    ray_address: str | None = None
+    """The Ray cluster to join as a driver (`--ray-address`; None: Ray's own default)."""

@@ -20,8 +20,9 @@ def nodes(
     live: Iterable[Worker],
     mine: Iterable[Worker],
 ) -> list[dict[str, Any]]:
-    """The GPU inventory of this machine, with what each GPU runs for this workspace (`mine`);
-    the workers of others count only as memory in use."""
+    """The GPU inventory, one entry per node (this machine, or each node of a Ray cluster that
+    has GPUs), with what each GPU runs for this workspace (`mine`); the workers of others count
+    only as memory in use."""
     held: dict[int, list[dict[str, Any]]] = {}
     used: Counter[int] = Counter()
     for w in live:
@@ -48,10 +49,14 @@ def nodes(
             "uuid": g.uuid,
             "workers": held.get(g.index, []),
             "in_use": used[g.index] > 0,
+            "node": g.node or node,
         }
         for g in inventory
     ]
-    return [{"name": node, "backend": backend, "gpus": gpus}]
+    names = list(dict.fromkeys(g["node"] for g in gpus)) or [node]
+    return [
+        {"name": n, "backend": backend, "gpus": [g for g in gpus if g["node"] == n]} for n in names
+    ]
 
 
 def health(state: AppState, unit: str, jobs: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ Rules:
   held whole, choosing the fullest GPU that still fits (best fit), so small workers share a card and
   big ones still find an empty one; the reservations on a GPU never add up to more than it has;
 - a list (`["H100", "A100-80GB"]`) is a fallback order: the first type that fits now wins;
+- a worker's GPUs are all on one node (`Gpu.node`; a one-machine inventory is one node): a
+  `gpu="H100:2"` worker takes two free H100s of the first node that has two, never one of each;
 - nothing fits now but something would on an idle machine: wait, saying why;
 - nothing in the inventory could ever fit: fail at once, naming what exists.
 """
@@ -46,6 +48,8 @@ class Gpu:
     memory_mib: int
     simulated: bool = False
     uuid: str | None = None
+    node: str = ""
+    """The node it is in: "" on a one-machine backend, the cluster's node id on Ray."""
 
 
 @dataclass(frozen=True)
@@ -151,8 +155,10 @@ def place(
         of_type = [g for g in inventory if g.type == req.type]
         if gpu_memory_mib is None:
             free = [g for g in of_type if g.index not in whole and g.index not in packed]
-            if len(free) >= req.count:
-                return Placed(tuple(g.index for g in free[: req.count]), req.type, None)
+            for node in dict.fromkeys(g.node for g in free):  # nodes in inventory order
+                on_node = [g for g in free if g.node == node]
+                if len(on_node) >= req.count:
+                    return Placed(tuple(g.index for g in on_node[: req.count]), req.type, None)
         else:
             fits = [
                 g
@@ -167,7 +173,7 @@ def place(
         for r in requests
         if (n := [g for g in inventory if g.type == r.type])
         and (
-            len(n) >= r.count
+            max(Counter(g.node for g in n).values()) >= r.count
             if gpu_memory_mib is None
             else any(g.memory_mib >= gpu_memory_mib for g in n)
         )
@@ -179,7 +185,9 @@ def place(
             for r in could_ever
         )
         return Wait(f"waiting for a free {_wanted(requests, gpu_memory_mib)} ({busy})")
+    nodes = len({g.node for g in inventory})
     return Never(
         f"no GPU here can ever fit {_wanted(requests, gpu_memory_mib)}; this server has "
         f"{describe_inventory(inventory)}"
+        + (f" on {nodes} nodes (a worker's GPUs are all on one node)" if nodes > 1 else "")
     )

@@ -2,16 +2,18 @@
 
 `Scaler.plan` reads a pool and the facts it needs (the policy's rules and budget, the GPUs in
 use) through `Facts`, calls the pure core (`autoscaler.decide`, `prewarm.worker_floor`,
-`placement.place`, `budgets.gpu_cap`) and returns a `Plan`: workers to start with their GPUs,
-workers to drain, an error to fail the queue with. The plane carries a plan out; this room
-starts, stops and fails nothing itself. It also keeps each pool's start-up backoff.
+`placement.place`, `budgets.gpu_cap`, `reclaim.reclaim`) and returns a `Plan`: workers to start
+with their GPUs, workers to drain (its own idle ones, and idle workers of other pools whose GPUs
+its queued jobs wait for), an error to fail the queue with. The plane carries a plan out; this
+room starts, stops and fails nothing itself. It also keeps each pool's start-up backoff.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,6 +26,7 @@ from ember.core.budgets import Policy, gpu_cap
 from ember.core.jobs import fail_queued_on_startup_failure, startup_backoff
 from ember.core.placement import Allocation, Gpu, Never, Placed, Wait, place
 from ember.core.prewarm import worker_floor
+from ember.core.reclaim import LIVE, Holder, Need, reclaim
 from ember.core.spec import FunctionSpec, GpuRequest
 
 log = logging.getLogger("ember.control")
@@ -39,8 +42,8 @@ class Facts:
     """Whether a `block` policy of the workspace has spent its budget."""
     gpu_request: Callable[[FunctionSpec, Policy | None], tuple[GpuRequest, ...]]
     """The GPUs a worker asks for under the policy (raises PolicyDenied)."""
-    allocations: Callable[[], list[Allocation]]
-    """What every live worker holds."""
+    live: Callable[[], Iterable[Worker]]
+    """Every live worker, of every pool: what each holds, in which state."""
     gpus_held: Callable[[str, str], set[int]]
     """The GPUs held by the workers of (workspace, policy)."""
 
@@ -55,9 +58,17 @@ class Plan:
 
 
 class Scaler:
-    def __init__(self, facts: Facts, inventory: tuple[Gpu, ...]) -> None:
+    def __init__(
+        self, facts: Facts, inventory: tuple[Gpu, ...] | Callable[[], tuple[Gpu, ...]]
+    ) -> None:
         self.facts = facts
-        self.inventory = inventory
+        self._inventory = inventory
+        """The GPUs, or how to read them now: a cluster's nodes join and leave (Ray)."""
+
+    @property
+    def inventory(self) -> tuple[Gpu, ...]:
+        inv = self._inventory
+        return inv() if callable(inv) else inv
 
     def plan(self, pool: Pool) -> Plan:
         """What to do now so that the pool has the workers its queue and scaling spec ask for.
@@ -73,12 +84,9 @@ class Scaler:
                 if w.state is not WorkerState.DRAINING
             ]
             return plan
-        running = sum(w.active_jobs for w in pool.workers.values())
-        view = PoolView(len(pool.queue), running, tuple(w.view() for w in pool.workers.values()))
+        view = self._view(pool)
         scaling = pool.spec.scaling
-        floor = None
-        if scaling.prewarm or scaling.warm_schedule:
-            floor = worker_floor(scaling, pool.hist, pool.last_call_end, now, datetime.now())
+        floor = self._floor(pool, now)
         rules = self.facts.rules_of(pool)
         if rules is not None and not pool.queue and self.facts.blocked(pool.workspace, rules):
             # Spent: what is idle stops now, so the money stops with the jobs already admitted.
@@ -92,6 +100,8 @@ class Scaler:
         pool.wait_reason = None
         allocations: list[Allocation] | None = None
         held: set[int] | None = None
+        request: tuple[GpuRequest, ...] = ()
+        gpu_taken = False  # the GPUs it needs are held by others (not a cap, not a backoff)
         for _ in range(decision.start):
             if now < pool.next_start:
                 break
@@ -102,8 +112,9 @@ class Scaler:
                 fit = Never(str(exc))
             else:
                 if allocations is None:
-                    allocations = self.facts.allocations()
+                    allocations = self._allocations()
                 fit = place(request, pool.spec.gpu_memory_mib, self.inventory, allocations)
+                gpu_taken = isinstance(fit, Wait)
             if isinstance(fit, Placed) and rules is not None and fit.gpus:
                 if held is None:
                     held = self.facts.gpus_held(pool.workspace, rules.name)
@@ -112,7 +123,7 @@ class Scaler:
             if isinstance(fit, Wait):
                 pool.wait_reason = fit.reason
                 break
-            if isinstance(fit, Never):  # the inventory cannot change under a running server
+            if isinstance(fit, Never):  # not with these GPUs (a node that left: as a crash)
                 plan.fail = job_error("NoFittingGpu", fit.reason)
                 break
             plan.start.append(fit)
@@ -121,10 +132,119 @@ class Scaler:
                 allocations = [*allocations, Allocation("(planned)", fit.gpus, fit.memory_mib)]
                 if held is not None:
                     held = held | set(fit.gpus)
+        if gpu_taken and allocations is not None:
+            wanted = min(decision.start, self._demand(pool) - self._live(pool)) - len(plan.start)
+            reclaimed = self._reclaim(pool, request, rules, wanted, allocations, now)
+            if reclaimed:
+                pool.wait_reason = f"{pool.wait_reason}; an idle worker is giving one up"
+            plan.drain += reclaimed
         for job in pool.queue:
             job.reason = pool.wait_reason
         plan.drain += [(pool.workers[wid], "idle") for wid in decision.stop]
         return plan
+
+    # ----------------------------------------------------------------- reclaiming idle GPUs
+    def _reclaim(
+        self,
+        pool: Pool,
+        request: tuple[GpuRequest, ...],
+        rules: Policy | None,
+        wanted: int,
+        allocations: list[Allocation],
+        now: float,
+    ) -> list[tuple[Worker, str]]:
+        """Idle workers of other pools to drain now, so that the `wanted` workers this pool's
+        queued jobs wait for get the GPUs those hold (`core.reclaim`), not after their
+        `idle_timeout`. Each victim's own pool keeps what its scaling spec asks for."""
+        if wanted < 1 or not pool.queue:
+            return []
+        workers = [w for w in self.facts.live() if w.gpus]
+        pools = {id(w.pool): w.pool for w in workers if w.pool is not pool}
+        keep = {str(k): self._desired(p, now) for k, p in pools.items()}
+        holders = [
+            Holder(
+                w.id,
+                str(id(w.pool)),
+                w.state,
+                w.gpus,
+                w.gpu_memory_mib,
+                w.idle_since if w.state is WorkerState.IDLE else None,
+            )
+            for w in workers
+        ]
+        # the workers this plan starts hold their GPUs too, and are nobody's to drain
+        known = {w.id for w in workers}
+        planned = [a for a in allocations if a.worker_id not in known]
+        holders += [
+            Holder(f"(planned {i})", str(id(pool)), WorkerState.STARTING, a.gpus, a.memory_mib)
+            for i, a in enumerate(planned)
+        ]
+        need = Need(str(id(pool)), request, pool.spec.gpu_memory_mib, wanted)
+        served = reclaim(self.inventory, holders, keep, [need])
+        if rules is not None and served:  # the policy's GPU cap holds for reclaimed GPUs too
+            held = len(self.facts.gpus_held(pool.workspace, rules.name))
+            held += sum(len(a.gpus) for a in planned)
+            capped = []
+            for s in served:
+                if gpu_cap(rules, held, len(s.placed.gpus)) is not None:
+                    break
+                capped.append(s)
+                held += len(s.placed.gpus)
+            served = tuple(capped)
+        by_id = {w.id: w for w in workers}
+        drained = [(by_id[wid], self._why(by_id[wid], pool)) for s in served for wid in s.drain]
+        for w, _ in drained:
+            log.info(
+                "draining idle worker %s of %s/%s: its GPU goes to %s/%s",
+                w.id,
+                w.pool.app,
+                w.pool.unit,
+                pool.app,
+                pool.unit,
+            )
+        return drained
+
+    @staticmethod
+    def _why(victim: Worker, to: Pool) -> str:
+        """The victim's stop reason: the pool it gave way to, named only inside its workspace."""
+        if victim.pool.workspace == to.workspace:
+            return f"idle; GPU reclaimed for {to.app}/{to.unit}"
+        return "idle; GPU reclaimed for a job of another workspace"
+
+    # ----------------------------------------------------------------- a pool's numbers
+    def _allocations(self) -> list[Allocation]:
+        return [Allocation(w.id, w.gpus, w.gpu_memory_mib) for w in self.facts.live() if w.gpus]
+
+    @staticmethod
+    def _view(pool: Pool) -> PoolView:
+        running = sum(w.active_jobs for w in pool.workers.values())
+        return PoolView(len(pool.queue), running, tuple(w.view() for w in pool.workers.values()))
+
+    @staticmethod
+    def _floor(pool: Pool, now: float) -> int | None:
+        """The pre-warm or warm-schedule floor that replaces `min_workers`, if any."""
+        scaling = pool.spec.scaling
+        if scaling.prewarm or scaling.warm_schedule:
+            return worker_floor(scaling, pool.hist, pool.last_call_end, now, datetime.now())
+        return None
+
+    def _desired(self, pool: Pool, now: float) -> int:
+        """How many live workers the pool's scaling spec keeps now (none once retired)."""
+        if not pool.active:
+            return 0
+        return autoscaler.desired_workers(
+            self._view(pool), pool.spec.scaling, self._floor(pool, now)
+        )
+
+    @staticmethod
+    def _demand(pool: Pool) -> int:
+        """Workers its queued and running jobs fill: what reclaiming may serve (not buffers)."""
+        running = sum(w.active_jobs for w in pool.workers.values())
+        return math.ceil((len(pool.queue) + running) / pool.spec.scaling.concurrency)
+
+    @staticmethod
+    def _live(pool: Pool) -> int:
+        return sum(1 for w in pool.workers.values() if w.state in LIVE)
 
     # ----------------------------------------------------------------- start-up failures
     @staticmethod

@@ -3,7 +3,8 @@
 Rule: desired = ceil((queued + running) / concurrency) + buffer_workers, clamped to
 [min_workers, max_workers]. Missing workers start at once (no timer wait from zero). Surplus
 workers are stopped only when idle for at least `idle_timeout`, least recently used first, so the
-most recently used (warmest caches) are kept. Starting and busy workers are never stopped.
+most recently used (warmest caches) are kept. Starting and busy workers are never stopped. (A
+surplus idle worker whose GPU another pool's queued jobs wait for goes sooner: `core.reclaim`.)
 """
 
 from __future__ import annotations

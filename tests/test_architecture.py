@@ -34,6 +34,7 @@ HELPERS = {
     "secrets": {"vault"},
     "deployments": {"manifest"},
     "meter": {"rollups"},
+    "jobs": {"job_rows"},
 }
 """The private helper modules of a room."""
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -21,6 +21,7 @@ from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse, encode, encode_ascii
 from ember.control.errors import (
     BudgetBlocked,
+    IdempotencyConflict,
     InputError,
     NotFoundError,
     PolicyDenied,
@@ -30,6 +31,8 @@ from ember.control.errors import (
 from ember.control.manifest import DeployError
 from ember.control.plane import ControlPlane
 from ember.control.records import Job
+from ember.core.idempotency import key_problem
+from ember.core.jobs import JobStatus
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
 RUNSYNC_WAIT = 60.0
@@ -55,6 +58,12 @@ _BAD_JSON: dict[str, Any] = {
     "description": "a request body that is not JSON, or not UTF-8",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
 }
+_KEY = Header(
+    None,
+    alias="Idempotency-Key",
+    description="a unique string per request (a UUID): a repeat with the same key and body gets "
+    "the same job instead of a second one; the same key with another body is a 409",
+)
 _BUDGET: dict[int | str, dict[str, Any]] = {
     402: {"model": schemas.ErrorBody, "description": "the token's policy is over budget"},
     429: {
@@ -155,11 +164,24 @@ def audit(
     )
 
 
-def _submit(request: Request, who: Principal, app: str, fn: str, input: Any) -> Job:
+async def _submit(
+    request: Request, who: Principal, app: str, fn: str, input: Any
+) -> Job | dict[str, Any]:
+    """The call's job: a new one, or under an Idempotency-Key the one the key names (a body,
+    when it is stored only)."""
+    key = request.headers.get("idempotency-key")
     try:
-        return plane(request).submit(
-            who.workspace, app, fn, input, policy=who.policy, token=who.token
+        if key is None:
+            return plane(request).submit(
+                who.workspace, app, fn, input, policy=who.policy, token=who.token
+            )
+        if (problem := key_problem(key)) is not None:
+            raise ApiException(400, "invalid_idempotency_key", problem)
+        return await plane(request).submit_once(
+            who.workspace, app, fn, input, key, policy=who.policy, token=who.token
         )
+    except IdempotencyConflict as exc:
+        raise ApiException(409, "idempotency_conflict", str(exc)) from None
     except BudgetBlocked as exc:
         b = exc.blocked
         audit(request, who, "budget.block", "refused", f"{app}/{fn}", {"policy": who.policy})
@@ -201,14 +223,19 @@ def _queue_full(exc: QueueFullError) -> ApiException:
 
 async def queue_job(request: Request, who: Principal, app: str, fn: str) -> Response:
     """POST .../run, once the caller is known (also served by `ember.api.invoke`)."""
-    job = _submit(request, who, app, fn, await _input_of(request))
+    job = await _submit(request, who, app, fn, await _input_of(request))
+    if isinstance(job, dict):  # a repeat of a job stored before
+        return CallResponse({"id": job["id"], "status": job["status"]}, status_code=202)
     await plane(request).stored(job)
-    return CallResponse({"id": job.id, "status": "IN_QUEUE"}, status_code=202)
+    status = "IN_QUEUE" if job.idempotency_key is None else job.status.value  # perhaps a repeat
+    return CallResponse({"id": job.id, "status": status}, status_code=202)
 
 
 async def run_job(request: Request, who: Principal, app: str, fn: str, wait: float) -> Response:
     """POST .../runsync, once the caller is known (also served by `ember.api.invoke`)."""
-    job = _submit(request, who, app, fn, await _input_of(request))
+    job = await _submit(request, who, app, fn, await _input_of(request))
+    if isinstance(job, dict):  # a repeat of a job stored before: as it is now
+        return CallResponse(job, 200 if JobStatus(job["status"]).terminal else 202)
     try:
         async with asyncio.timeout(wait):  # no task per call, unlike asyncio.wait_for
             await job.done.wait()
@@ -226,7 +253,11 @@ async def run_job(request: Request, who: Principal, app: str, fn: str, wait: flo
     openapi_extra=_body(schemas.RunRequest),
 )
 async def run(
-    request: Request, app: str, fn: str, who: Principal = Depends(need_invoke)
+    request: Request,
+    app: str,
+    fn: str,
+    idempotency_key: str | None = _KEY,
+    who: Principal = Depends(need_invoke),
 ) -> Response:
     """Queue a job; it is durable before this answers."""
     return await queue_job(request, who, app, fn)
@@ -248,6 +279,7 @@ async def runsync(
     wait: float = Query(
         RUNSYNC_WAIT, ge=0, le=RUNSYNC_MAX_WAIT, description="seconds to wait before answering 202"
     ),
+    idempotency_key: str | None = _KEY,
     who: Principal = Depends(need_invoke),
 ) -> Response:
     """Run a job and answer with its body once it ends, or 202 after `wait` seconds."""

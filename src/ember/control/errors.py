@@ -28,6 +28,10 @@ class ConflictError(Exception):
     """The request clashes with what exists (HTTP 409)."""
 
 
+class IdempotencyConflict(ConflictError):
+    """An `Idempotency-Key` reused for a request other than the one it was first sent with."""
+
+
 class PolicyDenied(PermissionError):
     """The caller's usage policy does not allow this call (HTTP 403)."""
 

@@ -21,10 +21,20 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, select, update
 
-from ember.control.errors import NotFoundError, QueueFullError
+from ember.control import job_rows
+from ember.control.errors import (
+    BudgetBlocked,
+    IdempotencyConflict,
+    InputError,
+    NotFoundError,
+    PolicyDenied,
+    QueueFullError,
+    UnplaceableError,
+)
 from ember.control.records import FunctionMeta, Job
+from ember.core.idempotency import conflict_message, digest
 from ember.core.jobs import JobStatus
 from ember.core.metering import job_cost
 from ember.core.pricing import PriceTable
@@ -43,22 +53,6 @@ ID_BYTES = 12
 nothing of another's traffic (a seeded generator is replayed from 208 of its ids). It costs what
 formatting a seeded generator's integer did, about a microsecond (docs/benchmarks.md)."""
 
-_FINISH_JOB = (
-    update(tables.jobs)
-    .where(tables.jobs.c.id == bindparam("job_id"))
-    .values(
-        {
-            c: bindparam(c)
-            for c in (
-                *("status", "output", "error", "timings", "cost"),
-                *("attempts", "version", "finished_at"),
-            )
-        }
-    )
-)
-"""Built once: building an UPDATE per job cost the event loop more than writing it."""
-_INSERT_JOB = insert(tables.jobs)
-
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 """Inputs as compact JSON (a request body parsed as JSON always encodes back)."""
 
@@ -66,7 +60,15 @@ Counts = dict[tuple[str, str, str], Counter[str]]
 """(workspace, app, function) -> jobs ended per status, since the store began."""
 
 
-_ENDED = [s.value for s in JobStatus if s.terminal]
+_REPLAYABLE = (
+    BudgetBlocked,
+    PolicyDenied,
+    NotFoundError,
+    InputError,
+    UnplaceableError,
+    QueueFullError,
+)
+"""What a new job is refused with that a repeat of a job accepted before is not."""
 
 
 def _size(text: str) -> int:
@@ -96,6 +98,10 @@ class JobBook:
         """Accepted and not yet stored in its final state."""
         self.recent: OrderedDict[str, Job] = OrderedDict()
         self.counts: Counts = {}
+        self._claims: dict[tuple[str, str], asyncio.Future[Job | dict[str, Any] | None]] = {}
+        """(workspace, Idempotency-Key) -> the job it names, for the jobs accepted here under a
+        key, from their row's INSERT until their final row is stored."""
+        self._insert_once = job_rows.insert_unless_keyed(engine)
         self.writer: Writer
         """Set once the plane starts."""
 
@@ -139,6 +145,8 @@ class JobBook:
                 policy=row["policy"],
                 token=row["token"],
                 tags=json.loads(row["tags"]) if row["tags"] else {},
+                idempotency_key=row["idempotency_key"],
+                request_digest=row["request_digest"],
             )
             job.stored = stored
             self.jobs[job.id] = job
@@ -157,9 +165,11 @@ class JobBook:
         policy: str | None,
         token: str | None,
         tags: dict[str, str],
+        key: str | None = None,
     ) -> Job:
-        """A new job, in memory; `store` makes it durable. Raises QueueFullError, before
-        anything exists of the job, when the workspace's queue is at one of its limits."""
+        """A new job, in memory; `store` (or `once`, for a job under an Idempotency-Key) makes
+        it durable. Raises QueueFullError, before anything exists of the job, when the
+        workspace's queue is at one of its limits."""
         input_json = _encode(input)
         full = admit(
             Queued(self._queued_jobs[workspace], self._queued_bytes[workspace]),
@@ -183,9 +193,83 @@ class JobBook:
             token=token,
             tags=tags,
         )
+        if key is not None:
+            job.idempotency_key, job.request_digest = key, digest(app, meta.name, input_json)
         self.jobs[job.id] = job
         self.track(job)
         return job
+
+    # ----------------------------------------------------------------- idempotent intake
+    async def once(
+        self,
+        workspace: str,
+        key: str,
+        call: tuple[str, str, Any],
+        submit: Callable[[], Job],
+        claimed: Callable[[Job], None],
+    ) -> Job | dict[str, Any]:
+        """The job `key` names in the workspace, or a new one from `submit()` (`accept` with
+        the key), handed to `claimed` once its row holds the key: the store's unique index, not
+        this server's memory, decides which of two twins (here or on another server) is the job.
+        Raises IdempotencyConflict when the key names a job of another `call` (app, fn, input)."""
+        claim = self._claims.get((workspace, key))
+        found = None if claim is None else await asyncio.shield(claim)  # a twin here: its job
+        job = None
+        if found is None:
+            try:
+                job = submit()
+            except _REPLAYABLE:  # refused now; a repeat of a job accepted before is not
+                found = await asyncio.to_thread(job_rows.load_keyed, self.engine, workspace, key)
+                if found is None:
+                    raise
+            else:
+                found = await self._claim(job)
+                if found is None:  # pruned between the conflict and the read: all but never
+                    raise RuntimeError(f"the job under Idempotency-Key {key!r} just vanished")
+                if found is job:
+                    claimed(job)
+                    return job
+        app, fn, input = call
+        mine = job.request_digest if job is not None else digest(app, fn, _encode(input))
+        if isinstance(found, Job):
+            theirs = found.request_digest
+        else:  # a stored body, perhaps one a twin has too
+            found = dict(found)
+            theirs = found.pop("request_digest")
+        if theirs != mine:
+            raise IdempotencyConflict(conflict_message(key))
+        return found
+
+    async def _claim(self, job: Job) -> Job | dict[str, Any] | None:
+        """Insert the job's row unless a row holds its key already: the job, or else the job
+        of that row (live, when this server runs it), this one forgotten as never accepted."""
+        assert job.idempotency_key is not None
+        key = (job.workspace, job.idempotency_key)
+        claim = self._claims[key] = asyncio.get_running_loop().create_future()
+        insert = job_rows.InsertOnce(self._insert_once, job_rows.row(job))
+        found: Job | dict[str, Any] | None = None
+        try:
+            job.stored = self.writer.submit(insert)
+            await job.stored
+            found = (
+                job
+                if insert.inserted
+                else await asyncio.to_thread(job_rows.load_keyed, self.engine, *key)
+            )
+        finally:
+            if found is not job:
+                self._drop(job)
+                del self._claims[key]
+            claim.set_result(found)  # None: it failed, and a waiting twin tries for itself
+        if isinstance(found, dict):
+            live = self.jobs.get(found["id"]) or self.recent.get(found["id"])
+            if live is not None:
+                return live
+        return found
+
+    def _drop(self, job: Job) -> None:
+        self.jobs.pop(job.id, None)
+        self._uncount(job)
 
     def track(self, job: Job) -> None:
         """Bring the queue counts in line with the job's state: counted while IN_QUEUE (a new
@@ -197,7 +281,11 @@ class JobBook:
                 self._queued_jobs[job.workspace] += 1
                 self._queued_bytes[job.workspace] += size
         elif counted is not None:
-            del self._counted[job.id]
+            self._uncount(job)
+
+    def _uncount(self, job: Job) -> None:
+        counted = self._counted.pop(job.id, None)
+        if counted is not None:
             ws = job.workspace
             self._queued_jobs[ws] -= 1
             self._queued_bytes[ws] -= counted
@@ -216,7 +304,7 @@ class JobBook:
         final row: until then only its caller, on an open connection, knows it exists.
         """
         if job.stored is None:
-            job.stored = self.writer.submit(execute(_INSERT_JOB, _row(job)))
+            job.stored = self.writer.submit(execute(job_rows.INSERT_JOB, job_rows.row(job)))
         return job.stored
 
     def store_attempts(self, job: Job) -> None:
@@ -276,9 +364,9 @@ class JobBook:
             "finished_at": job.finished_at,
         }
         if job.stored is None:  # never stored: one INSERT of its final row
-            op = execute(_INSERT_JOB, {**_row(job), **final})
+            op = execute(job_rows.INSERT_JOB, {**job_rows.row(job), **final})
         else:
-            op = execute(_FINISH_JOB, {"job_id": job.id, **final})
+            op = execute(job_rows.FINISH_JOB, {"job_id": job.id, **final})
         job.stored = self.writer.submit(op, urgent=False)
         job.stored.add_done_callback(lambda _f: self._forget(job))
 
@@ -298,6 +386,8 @@ class JobBook:
     def _forget(self, job: Job) -> None:
         """Once the final state is stored, keep the job only in the bounded recent cache."""
         self.jobs.pop(job.id, None)
+        if job.idempotency_key is not None:
+            self._claims.pop((job.workspace, job.idempotency_key), None)
         self.recent[job.id] = job
         while len(self.recent) > RECENT_JOBS:
             self.recent.popitem(last=False)
@@ -308,7 +398,11 @@ class JobBook:
         job = self.jobs.get(job_id) or self.recent.get(job_id)
         if job is not None and job.workspace == workspace:
             return job
-        row = None if job is not None else await asyncio.to_thread(self._load_job, job_id)
+        row = (
+            None
+            if job is not None
+            else await asyncio.to_thread(job_rows.load_job, self.engine, job_id)
+        )
         if row is None or row.pop("workspace") != workspace:
             raise NotFoundError(
                 "job_not_found",
@@ -317,32 +411,6 @@ class JobBook:
                 "--job-retention)",
             )
         return row
-
-    def _load_job(self, job_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = (
-                conn.execute(select(tables.jobs).where(tables.jobs.c.id == job_id))
-                .mappings()
-                .first()
-            )
-        if row is None:
-            return None
-        return {
-            "id": row["id"],
-            "app": row["app"],
-            "function": row["function"],
-            "status": row["status"],
-            "output": json.loads(row["output"]) if row["output"] is not None else None,
-            "error": json.loads(row["error"]) if row["error"] else None,
-            "timings": json.loads(row["timings"]) if row["timings"] else None,
-            "cost": json.loads(row["cost"]) if row["cost"] else None,
-            "tags": json.loads(row["tags"]) if row["tags"] else {},
-            "workspace": row["workspace"],
-            "reason": None,
-            "attempts": row["attempts"],
-            "created_at": row["created_at"],
-            "finished_at": row["finished_at"],
-        }
 
     # ----------------------------------------------------------------- retention
     async def prune_forever(self) -> None:
@@ -368,7 +436,9 @@ class JobBook:
             self.recent.popitem(last=False)
         deleted: list[int] = []  # each batch's count, appended in the writer's thread
         while True:
-            await self.writer.submit(lambda conn: deleted.append(_prune_batch(conn, cutoff)))
+            await self.writer.submit(
+                lambda conn: deleted.append(job_rows.prune_batch(conn, cutoff))
+            )
             if not deleted or deleted[-1] < PRUNE_BATCH:
                 return sum(deleted)
             await asyncio.sleep(0.01)  # let the writes queued behind this batch go first
@@ -389,32 +459,3 @@ class JobBook:
             "cancelled": counts["CANCELLED"],
             "timed_out": counts["TIMED_OUT"],
         }
-
-
-def _prune_batch(conn: Connection, cutoff: float) -> int:
-    """Delete up to PRUNE_BATCH ended jobs that finished before `cutoff` (the writer's thread)."""
-    j = tables.jobs.c
-    ids = (
-        select(j.id)
-        .where(j.finished_at.is_not(None), j.finished_at < cutoff, j.status.in_(_ENDED))
-        .limit(PRUNE_BATCH)
-    )
-    result = conn.execute(delete(tables.jobs).where(j.id.in_(ids.scalar_subquery())))
-    return int(result.rowcount or 0)
-
-
-def _row(job: Job) -> dict[str, Any]:
-    """A job's row as accepted: queued, no attempt yet."""
-    return {
-        "id": job.id,
-        "app": job.app,
-        "function": job.function,
-        "status": JobStatus.IN_QUEUE.value,
-        "input": job.input_json,
-        "attempts": job.attempts,
-        "created_at": job.created_at,
-        "workspace": job.workspace,
-        "policy": job.policy,
-        "token": job.token,
-        "tags": json.dumps(job.tags) if job.tags else None,
-    }

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Any
 
+from ember.control.records import Pool, Worker
 from ember.core.names import under
 from ember.core.quotas import Quotas, log_marker, log_room
 
@@ -51,6 +52,24 @@ class LogStore:
         """The file before the current one, once the current one has been rotated."""
         path = self.path(app)
         return path.with_name(path.name + ".1")
+
+    def worker_lines(self, w: Worker, lines: list[list[Any]]) -> None:
+        """What a worker printed: [job id or None, stream, line, ts] each."""
+        for job_id, stream, line, ts in lines:
+            job = w.running.get(job_id) if job_id else None
+            fn = job.function if job else w.pool.unit
+            self._line(w.pool, w.id, job_id, fn, stream, line, ts)
+
+    def template_lines(self, pool: Pool, lines: list[list[Any]]) -> None:
+        """What the user's module printed in its template (at import, in snap hooks)."""
+        for _, stream, line, ts in lines:
+            self._line(pool, "template", None, pool.unit, stream, line, ts)
+
+    def _line(
+        self, pool: Pool, worker: str, job: str | None, fn: str, stream: str, line: str, ts: float
+    ) -> None:
+        record = {"ts": ts, "job": job, "worker": worker, "function": fn}
+        self.append(f"{pool.workspace}/{pool.app}", fn, {**record, "stream": stream, "line": line})
 
     def append(self, app: str, function: str, record: dict[str, Any]) -> None:
         """Write one line, unless its job (or worker) is past its cap: the line that passes it

@@ -28,15 +28,15 @@ from typing import Any
 from sqlalchemy import Engine
 
 from ember.backends.base import Backend
-from ember.backends.local import LocalBackend
 from ember.backends.sandbox import make_sandbox
 from ember.config import TOKEN_FILE
 from ember.control import rollout, views
 from ember.control.audit import AuditLog
+from ember.control.backend_choice import make_backend
 from ember.control.deployments import Deployments
 from ember.control.dispatch import Dispatcher, Outside
 from ember.control.environments import Environments
-from ember.control.errors import ConflictError, UnplaceableError, job_error
+from ember.control.errors import UnplaceableError, job_error
 from ember.control.governance import Governance
 from ember.control.jobs import JobBook
 from ember.control.logs import LogStore
@@ -76,14 +76,7 @@ class ControlPlane:
         self.sandbox, self.unsandboxed_why = make_sandbox(
             settings.sandbox, settings.data_dir, self.control_socket
         )
-        self.backend: Backend = LocalBackend(
-            settings.data_dir / "logs" / "workers",
-            templates=settings.templates,
-            inventory=settings.inventory,
-            control_socket=self.control_socket,
-            sandbox=self.sandbox,
-            isolated_only=settings.tenant_isolation,
-        )
+        self.backend: Backend = make_backend(settings, self.control_socket, self.sandbox)
         self.environments = Environments(settings.data_dir / "envs")
         self.deployments = Deployments(
             settings.data_dir,
@@ -118,10 +111,10 @@ class ControlPlane:
                 rules_of=self.governance.rules_of,
                 blocked=self.governance.blocked,
                 gpu_request=self.governance.gpu_request,
-                allocations=self.workers.allocations,
+                live=self.workers.live,
                 gpus_held=self.governance.gpus_held,
             ),
-            self.backend.inventory,
+            lambda: self.backend.inventory,  # live: a cluster's nodes come and go
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -135,7 +128,7 @@ class ControlPlane:
         await self.workers.listen(self.control_socket)
         self._requeue_pending(await asyncio.to_thread(self._load))
         for app in list(self.deployments.apps.values()):
-            await rollout.prepare(self.backend, app, self._template_log)
+            await rollout.prepare(self.backend, app, self.logs.template_lines)
             for pool in app.all_pools():
                 self._settle(pool)
         self._spawn(self._tick_forever())
@@ -144,18 +137,7 @@ class ControlPlane:
     async def stop(self) -> None:
         """Stop every worker (exit hooks get `drain_grace_s`), then flush the store."""
         self._stopping = True
-        live = self.workers.workers
-        for w in list(live.values()):
-            self.workers.drain(w, reason="server stopping")
-        deadline = time.monotonic() + self.settings.drain_grace_s
-        while live and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for w in list(live.values()):
-            self.workers.kill(w, "server stopping")
-        deadline = time.monotonic() + 5
-        while live and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        self.workers.close()
+        await self.workers.stop_all(self.settings.drain_grace_s)
         await self.environments.close()
         await self.backend.close()
         self.checkpoint()
@@ -209,15 +191,9 @@ class ControlPlane:
         """Put every job accepted before the last stop back in its queue (on the event loop)."""
         requeued = 0
         for job in self.jobs.recover(pending):
-            pool = self.deployments.home_of(job)
-            if pool is None:
-                error = job_error(
-                    "FunctionNotFound", f"{job.app}/{job.function} is no longer deployed"
-                )
-                self.jobs.finish(job, JobStatus.FAILED, error=error)
-                continue
-            pool.queue.append(job)
-            requeued += 1
+            if (pool := self._home(job)) is not None:
+                pool.queue.append(job)
+                requeued += 1
         if requeued:
             log.warning("requeued %d job(s) accepted before the last stop", requeued)
 
@@ -243,7 +219,7 @@ class ControlPlane:
         }
 
     async def _ready(self, app: AppState, wait: bool) -> None:
-        await rollout.prepare(self.backend, app, self._template_log)
+        await rollout.prepare(self.backend, app, self.logs.template_lines)
         if wait:
             await rollout.check_imports(self.backend, app)
 
@@ -276,8 +252,9 @@ class ControlPlane:
         *,
         policy: str | None = None,
         token: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
-        """Accept a job (`stored` makes it durable).
+        """Accept a job (`stored` makes it durable); one under a key waits for `submit_once`.
 
         Under a usage policy, the budget is checked here, before the job exists: once a `block`
         policy has spent its budget, calls are refused and only jobs already admitted run on.
@@ -297,11 +274,42 @@ class ControlPlane:
         # The tags its worker's usage carries (`_start_worker`): the app's, the function's, the
         # policy's, each over the one before.
         tags = {**state.tags, **spec.tags, **(rules.tags if rules else {})}
-        job = self.jobs.accept(workspace, app, meta, input, policy=policy, token=token, tags=tags)
-        pool = state.pool(meta.unit, policy)
+        job = self.jobs.accept(
+            workspace, app, meta, input, policy=policy, token=token, tags=tags, key=idempotency_key
+        )
+        if idempotency_key is None:
+            self._enqueue(state.pool(meta.unit, policy), job)
+        return job
+
+    async def submit_once(
+        self, workspace: str, app: str, fn: str, input: Any, key: str, **kw: str | None
+    ) -> Job | dict[str, Any]:
+        """`submit` under an `Idempotency-Key`: a repeat gets the job the key names (live, or
+        its stored body), a new request under a used key an IdempotencyConflict. A new job runs
+        once its row holds the key, so that two servers on one store never both run it."""
+        return await self.jobs.once(
+            workspace,
+            key,
+            (app, fn, input),
+            lambda: self.submit(workspace, app, fn, input, idempotency_key=key, **kw),
+            self._claimed,
+        )
+
+    def _claimed(self, job: Job) -> None:
+        if (pool := self._home(job)) is not None:
+            self._enqueue(pool, job)
+
+    def _home(self, job: Job) -> Pool | None:
+        """The pool a job joins now; a job whose function is no longer deployed fails."""
+        pool = self.deployments.home_of(job)
+        if pool is None:
+            error = job_error("FunctionNotFound", f"{job.app}/{job.function} is no longer deployed")
+            self.jobs.finish(job, JobStatus.FAILED, error=error)
+        return pool
+
+    def _enqueue(self, pool: Pool, job: Job) -> None:
         self.dispatch.enqueue(pool, job)
         self._scale_soon(pool)
-        return job
 
     def stored(self, job: Job) -> asyncio.Future[None]:
         """Make an accepted job durable: resolves once its row is in the store."""
@@ -369,38 +377,7 @@ class ControlPlane:
         elif t == "output":
             self.dispatch.on_output(w, msg)
         elif t == "log":
-            for job_id, stream, line, ts in msg["lines"]:
-                job = w.running.get(job_id) if job_id else None
-                fn = job.function if job else w.pool.unit
-                self._log(w.pool, w.id, job_id, fn, stream, line, ts)
-
-    def _template_log(self, pool: Pool, lines: list[list[Any]]) -> None:
-        """What the user's module printed in its template (at import, in snap hooks)."""
-        for _, stream, line, ts in lines:
-            self._log(pool, "template", None, pool.unit, stream, line, ts)
-
-    def _log(
-        self,
-        pool: Pool,
-        worker: str,
-        job_id: str | None,
-        fn: str,
-        stream: str,
-        line: str,
-        ts: float,
-    ) -> None:
-        self.logs.append(
-            f"{pool.workspace}/{pool.app}",
-            fn,
-            {
-                "ts": ts,
-                "job": job_id,
-                "worker": worker,
-                "function": fn,
-                "stream": stream,
-                "line": line,
-            },
-        )
+            self.logs.worker_lines(w, msg["lines"])
 
     def _worker_exited(self, w: Worker, code: int) -> None:
         pool = w.pool
@@ -437,16 +414,13 @@ class ControlPlane:
                         pool.env = env
                 self.backend.retire(base.bundle, base.unit)
             if touched:
-                await rollout.prepare(self.backend, app, self._template_log)
+                await rollout.prepare(self.backend, app, self.logs.template_lines)
         return now
 
     async def delete_secret(self, workspace: str, name: str) -> None:
-        users = self.deployments.users_of_secret(workspace, name)
-        if users and self.secrets.has(workspace, name):
-            raise ConflictError(
-                f"secret {name!r} is used by {', '.join(users)}; redeploy them without it first"
-            )
-        await self.secrets.delete(workspace, name)
+        await self.secrets.delete(
+            workspace, name, self.deployments.users_of_secret(workspace, name)
+        )
 
     # ----------------------------------------------------------------- views
     def workers_of(self, workspace: str) -> list[Worker]:

@@ -131,6 +131,10 @@ class Job:
     token: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     """The tags its usage carries: the app's, the function's and the policy's, as metered."""
+    idempotency_key: str | None = None
+    """The `Idempotency-Key` it was submitted with, unique in its workspace."""
+    request_digest: str | None = None
+    """What a repeat under that key must match: its function and input (`core.idempotency.digest`)."""
     status: JobStatus = JobStatus.IN_QUEUE
     output: Any = None
     outputs: list[Any] = field(default_factory=list)

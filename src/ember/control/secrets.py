@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
-from ember.control.errors import NotFoundError
+from ember.control.errors import ConflictError, NotFoundError
 from ember.control.vault import Vault
 from ember.store import tables
 from ember.store.writer import Writer, execute
@@ -85,9 +85,14 @@ class SecretBook:
         self.values[key] = dict(values)
         return now
 
-    async def delete(self, workspace: str, name: str) -> None:
+    async def delete(self, workspace: str, name: str, users: list[str]) -> None:
+        """Delete a secret no function uses (`users`: the functions deployed with it)."""
         if (workspace, name) not in self.values:
             raise NotFoundError("secret_not_found", f"no secret named {name!r}")
+        if users:
+            raise ConflictError(
+                f"secret {name!r} is used by {', '.join(users)}; redeploy them without it first"
+            )
         s_ = tables.secrets.c
         await self.writer.submit(
             execute(delete(tables.secrets).where(s_.workspace == workspace, s_.name == name))

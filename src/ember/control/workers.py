@@ -24,7 +24,7 @@ from ember.backends.base import Backend, Launch
 from ember.control.errors import job_error
 from ember.control.records import Pool, Worker
 from ember.core.autoscaler import WorkerState
-from ember.core.placement import Allocation, Placed
+from ember.core.placement import Gpu, Placed
 from ember.core.pricing import DEFAULT_CPU, DEFAULT_MEMORY_GIB, Resources
 from ember.worker import protocol
 
@@ -109,12 +109,25 @@ class Workers:
             if server is not None:
                 server.close()
 
+    async def stop_all(self, grace_s: float) -> None:
+        """Drain every worker (exit hooks get `grace_s`), kill the ones still there, wait a
+        few seconds for them to exit, and stop listening."""
+        for w in list(self.workers.values()):
+            self.drain(w, reason="server stopping")
+        await self._until_none_live(grace_s)
+        for w in list(self.workers.values()):
+            self.kill(w, "server stopping")
+        await self._until_none_live(5.0)
+        self.close()
+
+    async def _until_none_live(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     # ----------------------------------------------------------------- views
     def of(self, workspace: str) -> list[Worker]:
         return [w for w in self.workers.values() if w.pool.workspace == workspace]
-
-    def allocations(self) -> list[Allocation]:
-        return [Allocation(w.id, w.gpus, w.gpu_memory_mib) for w in self.workers.values() if w.gpus]
 
     def live(self) -> Iterable[Worker]:
         return self.workers.values()
@@ -124,8 +137,8 @@ class Workers:
         """A new worker of `pool` on the GPUs of `fit`; it starts in the background."""
         spec = pool.spec
         gpu_count = float(len(fit.gpus))
-        if fit.memory_mib is not None and fit.gpus:
-            gpu_count = fit.memory_mib / self.backend.inventory[fit.gpus[0]].memory_mib
+        if fit.memory_mib is not None and (gpus := self._gpus(fit.gpus)):
+            gpu_count = fit.memory_mib / (gpus[0].memory_mib or 1)
         w = Worker(
             id="w-" + secrets.token_hex(5),
             pool=pool,
@@ -145,6 +158,11 @@ class Workers:
         self._spawn(self._run(w))
         return w
 
+    def _gpus(self, indexes: tuple[int, ...]) -> tuple[Gpu, ...]:
+        """The inventory's GPUs of those indexes (a cluster's have gaps where a node left)."""
+        by_index = {g.index: g for g in self.backend.inventory}
+        return tuple(by_index[i] for i in indexes if i in by_index)
+
     async def _run(self, w: Worker) -> None:
         launch = Launch(
             w.id,
@@ -154,7 +172,7 @@ class Workers:
             w.pool.app,
             w.pool.unit,
             w.pool.spec.scaling.concurrency,
-            tuple(self.backend.inventory[i] for i in w.gpus),
+            self._gpus(w.gpus),
             w.gpu_memory_mib,
             w.pool.env,
             workspace=w.pool.workspace,

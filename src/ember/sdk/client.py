@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -53,6 +55,17 @@ def _unavailable(url: str, exc: Exception) -> ServerUnavailable:
     )
 
 
+RETRY_DELAYS = (0.1, 0.3, 0.8, 1.6)
+"""Pauses between the tries of a submit that got no answer (a dropped connection, a server
+restarting, a proxy's 502-504): under 3 s in all. Each try carries the call's Idempotency-Key,
+so a try that reached the server before its answer was lost still makes one job."""
+_RETRY_STATUS = frozenset({502, 503, 504})
+
+
+def _key_header(key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": key or uuid.uuid4().hex}
+
+
 def _token_or_hint(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -81,14 +94,42 @@ class Client:
         _raise_for(resp)
         return resp
 
-    # jobs
-    def run(self, app: str, fn: str, input: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", f"/apps/{app}/{fn}/run", json={"input": input}).json()
+    def submit(self, path: str, body: Any, key: str | None, **kw: Any) -> httpx.Response:
+        """POST a submit, tried again (after `RETRY_DELAYS`) under one Idempotency-Key while
+        no answer comes back."""
+        headers = _key_header(key)
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                resp = self._http.post(path, json=body, headers=headers, **kw)
+            except httpx.TransportError as exc:
+                if delay is None:
+                    raise _unavailable(self.url, exc) from exc
+            else:
+                if delay is None or resp.status_code not in _RETRY_STATUS:
+                    _raise_for(resp)
+                    return resp
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
-    def runsync(self, app: str, fn: str, input: dict[str, Any], wait: float = 60) -> dict[str, Any]:
-        return self.request(
-            "POST", f"/apps/{app}/{fn}/runsync", params={"wait": wait}, json={"input": input}
-        ).json()
+    # jobs
+    def run(
+        self, app: str, fn: str, input: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Queue a job: {"id", "status"}. A repeat with the same `idempotency_key` gets the
+        same job (one is made up per call when it is None)."""
+        body = {"input": input}
+        return self.submit(f"/apps/{app}/{fn}/run", body, idempotency_key).json()
+
+    def runsync(
+        self,
+        app: str,
+        fn: str,
+        input: dict[str, Any],
+        wait: float = 60,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        path, body = f"/apps/{app}/{fn}/runsync", {"input": input}
+        return self.submit(path, body, idempotency_key, params={"wait": wait}).json()
 
     def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
         params = {"wait": wait} if wait else None
@@ -181,15 +222,38 @@ class AsyncClient:
         _raise_for(resp)
         return resp
 
-    async def run(self, app: str, fn: str, input: dict[str, Any]) -> dict[str, Any]:
-        return (await self.request("POST", f"/apps/{app}/{fn}/run", json={"input": input})).json()
+    async def submit(self, path: str, body: Any, key: str | None, **kw: Any) -> httpx.Response:
+        """`Client.submit`, awaitable."""
+        headers = _key_header(key)
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                resp = await self._http.post(path, json=body, headers=headers, **kw)
+            except httpx.TransportError as exc:
+                if delay is None:
+                    raise _unavailable(self.url, exc) from exc
+            else:
+                if delay is None or resp.status_code not in _RETRY_STATUS:
+                    _raise_for(resp)
+                    return resp
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def run(
+        self, app: str, fn: str, input: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        body = {"input": input}
+        return (await self.submit(f"/apps/{app}/{fn}/run", body, idempotency_key)).json()
 
     async def runsync(
-        self, app: str, fn: str, input: dict[str, Any], wait: float = 60
+        self,
+        app: str,
+        fn: str,
+        input: dict[str, Any],
+        wait: float = 60,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        resp = await self.request(
-            "POST", f"/apps/{app}/{fn}/runsync", params={"wait": wait}, json={"input": input}
-        )
+        path, body = f"/apps/{app}/{fn}/runsync", {"input": input}
+        resp = await self.submit(path, body, idempotency_key, params={"wait": wait})
         return resp.json()
 
     async def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:

@@ -99,8 +99,11 @@ jobs = Table(
     Column("policy", String(64)),
     Column("token", String(64)),
     Column("tags", Text),
+    Column("idempotency_key", String(255)),
+    Column("request_digest", String(64)),
 )
 Index("ix_jobs_status", jobs.c.status)
+Index("ux_jobs_idempotency", jobs.c.workspace, jobs.c.idempotency_key, unique=True)
 Index("ix_jobs_workspace", jobs.c.workspace)
 Index("ix_jobs_app_function", jobs.c.app, jobs.c.function)
 Index("ix_jobs_finished_at", jobs.c.finished_at)

@@ -1,0 +1,134 @@
+"""Jobs as rows of the store: the statements the job room writes and the reads it makes.
+
+The job room (`control/jobs.py`) keeps jobs in memory and decides; this module only turns a job
+into a row and a row into a job's body, and holds the statements built once (building one per
+job cost the event loop more than writing it). Reads run in a thread, never on the loop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ember.control.records import Job
+from ember.core.jobs import JobStatus
+from ember.core.quotas import PRUNE_BATCH
+from ember.store import tables
+
+FINISH_JOB = (
+    update(tables.jobs)
+    .where(tables.jobs.c.id == bindparam("job_id"))
+    .values(
+        {
+            c: bindparam(c)
+            for c in (
+                *("status", "output", "error", "timings", "cost"),
+                *("attempts", "version", "finished_at"),
+            )
+        }
+    )
+)
+INSERT_JOB = insert(tables.jobs)
+
+_ENDED = [s.value for s in JobStatus if s.terminal]
+
+
+def insert_unless_keyed(engine: Engine) -> Any:
+    """An INSERT of a job's row that does nothing when a row holds its Idempotency-Key."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(tables.jobs).on_conflict_do_nothing()
+
+
+@dataclass(slots=True)
+class InsertOnce:
+    """A writer Op running `insert_unless_keyed` for one row; says whether it inserted."""
+
+    stmt: Any
+    row: dict[str, Any]
+    inserted: bool = False
+
+    def __call__(self, conn: Connection) -> None:
+        self.inserted = bool(conn.execute(self.stmt, self.row).rowcount)
+
+
+def row(job: Job) -> dict[str, Any]:
+    """A job's row as accepted: queued, no attempt yet."""
+    return {
+        "id": job.id,
+        "app": job.app,
+        "function": job.function,
+        "status": JobStatus.IN_QUEUE.value,
+        "input": job.input_json,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "workspace": job.workspace,
+        "policy": job.policy,
+        "token": job.token,
+        "tags": json.dumps(job.tags) if job.tags else None,
+        "idempotency_key": job.idempotency_key,
+        "request_digest": job.request_digest,
+    }
+
+
+def body_of(row: Any) -> dict[str, Any]:
+    """A stored job's body, as `Job.body` gives a live one's (with its workspace)."""
+    return {
+        "id": row["id"],
+        "app": row["app"],
+        "function": row["function"],
+        "status": row["status"],
+        "output": json.loads(row["output"]) if row["output"] is not None else None,
+        "error": json.loads(row["error"]) if row["error"] else None,
+        "timings": json.loads(row["timings"]) if row["timings"] else None,
+        "cost": json.loads(row["cost"]) if row["cost"] else None,
+        "tags": json.loads(row["tags"]) if row["tags"] else {},
+        "workspace": row["workspace"],
+        "reason": None,
+        "attempts": row["attempts"],
+        "created_at": row["created_at"],
+        "finished_at": row["finished_at"],
+    }
+
+
+def load_job(engine: Engine, job_id: str) -> dict[str, Any] | None:
+    """A stored job's body (with its workspace), or None."""
+    with engine.connect() as conn:
+        found = (
+            conn.execute(select(tables.jobs).where(tables.jobs.c.id == job_id)).mappings().first()
+        )
+    return None if found is None else body_of(found)
+
+
+def load_keyed(engine: Engine, workspace: str, key: str) -> dict[str, Any] | None:
+    """The stored body of the workspace's job under Idempotency-Key `key`, with the
+    `request_digest` it was submitted with, or None."""
+    j = tables.jobs.c
+    with engine.connect() as conn:
+        found = (
+            conn.execute(
+                select(tables.jobs).where(j.workspace == workspace, j.idempotency_key == key)
+            )
+            .mappings()
+            .first()
+        )
+    if found is None:
+        return None
+    body = body_of(found)
+    del body["workspace"]
+    return {**body, "request_digest": found["request_digest"]}
+
+
+def prune_batch(conn: Connection, cutoff: float) -> int:
+    """Delete up to PRUNE_BATCH ended jobs that finished before `cutoff` (the writer's thread)."""
+    j = tables.jobs.c
+    ids = (
+        select(j.id)
+        .where(j.finished_at.is_not(None), j.finished_at < cutoff, j.status.in_(_ENDED))
+        .limit(PRUNE_BATCH)
+    )
+    result = conn.execute(delete(tables.jobs).where(j.id.in_(ids.scalar_subquery())))
+    return int(result.rowcount or 0)

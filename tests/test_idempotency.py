@@ -36,7 +36,7 @@ def square(x: int) -> int:
 
 @app.function(idle_timeout=300)
 def slow(x: int) -> int:
-    time.sleep(0.5)  # the job is still running while its repeats arrive
+    time.sleep(0.5)  # sleep-ok: the job is still running while its repeats arrive
     return x
 """
 

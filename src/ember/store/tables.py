@@ -101,8 +101,10 @@ jobs = Table(
     Column("tags", Text),
     Column("idempotency_key", String(255)),
     Column("request_digest", String(64)),
+    Column("owner", BigInteger),
 )
 Index("ix_jobs_status", jobs.c.status)
+Index("ix_jobs_owner_status", jobs.c.owner, jobs.c.status)
 Index("ux_jobs_idempotency", jobs.c.workspace, jobs.c.idempotency_key, unique=True)
 Index("ix_jobs_workspace", jobs.c.workspace)
 Index("ix_jobs_app_function", jobs.c.app, jobs.c.function)
@@ -198,6 +200,17 @@ marks = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("value", BigInteger, nullable=False),
+)
+
+leases = Table(
+    # Who schedules, when several servers share one store (migration 0007, core/lease.py).
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("address", String(255), nullable=False),
 )
 
 policies = Table(

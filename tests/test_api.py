@@ -366,7 +366,7 @@ def test_health_counts_jobs_and_workers(api: Server) -> None:
 def test_health_of_the_server_needs_no_token(api: Server) -> None:
     resp = api.http("GET", "/v1/health", token=None)
     assert resp.status_code == 200
-    assert resp.json() == {"status": "ok"}
+    assert resp.json() == {"status": "ok", "role": "leader"}
 
 
 def test_docs_and_openapi_load(api: Server) -> None:

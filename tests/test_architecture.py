@@ -25,6 +25,7 @@ ROOMS = {
     "meter",
     "audit",
     "logs",
+    "cluster",
 }
 """The rooms of `ember.control`: each owns one kind of state and imports no other room."""
 SHARED = {"records", "errors", "settings"}
@@ -35,6 +36,7 @@ HELPERS = {
     "deployments": {"manifest"},
     "meter": {"rollups"},
     "jobs": {"job_rows"},
+    "cluster": {"lease", "standby"},
 }
 """The private helper modules of a room."""
 

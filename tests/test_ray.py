@@ -8,13 +8,17 @@ job runs on it.
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 
 from conftest import Server, result, spawn, wait_for
 
@@ -184,3 +188,51 @@ def test_a_node_joins_and_a_killed_node_retries_its_job(
         lambda: all(g["type"] != "H100" for g in gpus(ray_server).values()),
         what="the dead node's H100 to leave the inventory",
     )
+
+
+PAIR_APP = """
+import os
+import ember
+
+app = ember.App("raypair")
+
+@app.function(gpu="L4", idle_timeout=30)
+def where() -> dict:
+    return {"type": os.environ["EMBER_GPU_TYPE"], "pid": os.getpid()}
+"""
+
+
+def test_two_servers_share_one_ray_cluster_and_the_standby_takes_over(
+    cluster: Any,
+    ray_server: Server,
+    pg_url: str,
+    make_server: Callable[..., Server],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two servers on one PostgreSQL store and one Ray cluster (docs/architecture.md, "Several
+    servers"): calls through the standby run on the scheduler's Ray actors; kill -9 of the
+    scheduler ends its actors with its driver, and the standby takes over on the same cluster."""
+    wait_for(lambda: not ray_server.http("GET", "/v1/workers").json()["workers"],
+             timeout=30, what="the module server's workers to go idle and stop")  # fmt: skip
+    monkeypatch.setenv("EMBER_MASTER_KEY", Fernet.generate_key().decode())
+    monkeypatch.setenv("EMBER_LEASE_TTL", "2")
+    args = ["--backend", "ray", "--ray-address", cluster.address, "--sandbox", "off"]
+    a = make_server("--db", pg_url, *args)
+    (tmp_path / "b").mkdir()
+    shutil.copy(a.data_dir / "token", tmp_path / "b" / "token")
+    b = make_server("--db", pg_url, *args, data_dir=tmp_path / "b")
+    a.deploy(PAIR_APP, "raypair.py")
+    first = b.http("POST", "/v1/apps/raypair/where/runsync", json={"input": {}})
+    assert first.status_code == 200 and first.json()["output"]["type"] == "L4", first.text
+    assert a.proc is not None
+    os.kill(a.proc.pid, signal.SIGKILL)
+    wait_for(
+        lambda: b.http("GET", "/v1/health", token=None).json()["role"] == "leader",
+        timeout=15,
+        what="the standby to take over",
+    )
+    # the dead driver's actor held the L4; Ray frees it, and the new scheduler's worker gets it
+    again = b.http("POST", "/v1/apps/raypair/where/runsync", json={"input": {}})
+    assert again.status_code == 200 and again.json()["output"]["type"] == "L4", again.text
+    assert again.json()["output"]["pid"] != first.json()["output"]["pid"]

@@ -15,6 +15,7 @@ from ember.api.app import create_app
 from ember.backends.ray import RayUnavailable
 from ember.config import TOKEN_FILE
 from ember.control.settings import Settings
+from ember.core.lease import DEFAULT_TTL_S
 from ember.core.placement import GIB, Gpu, parse_declared
 from ember.core.pricing import PriceError, PriceTable, parse_prices
 from ember.core.quotas import Quotas, duration_text, parse_duration, parse_size, size_text
@@ -133,6 +134,18 @@ def store_line(db_url: str | None, durability: str) -> str:
     return f"durability: {durability} (an accepted job survives {survives})"
 
 
+def _lease_ttl() -> float:
+    """EMBER_LEASE_TTL: seconds a scheduler lease lasts unrenewed (servers on PostgreSQL)."""
+    raw = os.environ.get("EMBER_LEASE_TTL", "")
+    try:
+        ttl = float(raw) if raw else DEFAULT_TTL_S
+    except ValueError:
+        raise ServerConfigError(f"EMBER_LEASE_TTL={raw!r} is not a number of seconds") from None
+    if not 0.5 <= ttl <= 300:
+        raise ServerConfigError(f"EMBER_LEASE_TTL={raw!r}: give between 0.5 and 300 seconds")
+    return ttl
+
+
 def serve(
     *,
     host: str,
@@ -154,6 +167,7 @@ def serve(
     header_timeout: float = connections.HEADER_TIMEOUT,
     backend: str = "local",
     ray_address: str | None = None,
+    advertise_url: str | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -188,6 +202,8 @@ def serve(
         quotas=quotas or Quotas(),
         sandbox=sandbox,
         tenant_isolation=tenant_isolation,
+        advertise_url=advertise_url or f"{'https' if tls else 'http'}://{host}:{port}",
+        lease_ttl_s=_lease_ttl(),
         **housekeeping,
     )
     isolation = describe_sandbox(sandbox, tenant_isolation)

@@ -17,9 +17,10 @@ from fastapi.responses import Response
 
 from ember.api import schemas
 from ember.api.auth import Principal, Scope, need_admin, need_deploy, need_read
+from ember.api.bodies import audit, json_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse
-from ember.api.routes import _body, _time, audit, json_body, plane
+from ember.api.routes import _body, _time
 from ember.api.tenancy import _object
 from ember.config import TOKEN_FILE
 from ember.control.errors import ConflictError, NotFoundError

@@ -15,9 +15,12 @@ from starlette.types import ASGIApp
 from ember import __version__
 from ember.api import admin, environments, errors, tenancy
 from ember.api.auth import Auth, Principal, ensure_token
+from ember.api.bodies import audit
+from ember.api.forward import Forward
 from ember.api.invoke import DirectCalls, Invoke
 from ember.api.limits import PayloadLimit
-from ember.api.routes import audit, public, router
+from ember.api.routes import public, router
+from ember.control.lease import shared
 from ember.control.plane import ControlPlane
 from ember.control.settings import Settings
 from ember.store.db import open_store, sqlite_url
@@ -51,7 +54,7 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     for name in ("ember.db", "ember.db-wal", "ember.db-shm"):  # the umask may have been loose
         if (settings.data_dir / name).exists():
             (settings.data_dir / name).chmod(0o600)
-    ensure_token(engine, settings.data_dir)
+    ensure_token(engine, settings.data_dir, shared=shared(engine))
     cp = ControlPlane(settings, engine)
 
     @asynccontextmanager
@@ -61,6 +64,7 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
             yield
         finally:
             await cp.stop()
+            await forward.aclose()
             engine.dispose()
 
     app = FastAPI(
@@ -93,8 +97,10 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request, but
     # a bundle upload, whose own limit is the bundle's (checked again as it is unpacked).
     bundle_max = max(max_payload, settings.bundle_limit + (1 << 20))
+    # On a standby, what only the scheduler does goes to it (several servers, one store).
+    forward = Forward(Invoke(app), cp.cluster.forward_to)  # closed by the lifespan above
     asgi = PayloadLimit(
-        Invoke(app),
+        forward,
         max_bytes=max_payload,
         overrides={"/v1/bundles/": (bundle_max, "EMBER_BUNDLE_LIMIT on the server")},
     )

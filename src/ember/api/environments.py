@@ -17,9 +17,10 @@ from fastapi.responses import PlainTextResponse, Response
 
 from ember.api import schemas
 from ember.api.auth import Principal, need_deploy, need_read
+from ember.api.bodies import audit, json_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse
-from ember.api.routes import _body, audit, json_body, plane
+from ember.api.routes import _body
 from ember.control import views
 from ember.control.environments import EnvError
 from ember.envs.bundle import BundleError

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ember.api import routes
+from ember.api import bodies, routes
 from ember.api.auth import Auth
 from ember.api.auth import Scope as TokenScope
 from ember.api.connections import Reply
@@ -170,7 +170,7 @@ class DirectCalls:
             who = auth.check(taken.authorization.decode("latin-1"), time.time())
             if who.scope < TokenScope.INVOKE:
                 return False
-            input = routes.input_of(body)
+            input = bodies.input_of(body)
             job = cp.submit(
                 who.workspace, call.app, call.fn, input, policy=who.policy, token=who.token
             )

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
-import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +15,7 @@ from pydantic import BaseModel
 
 from ember.api import schemas
 from ember.api.auth import Principal, need_deploy, need_invoke, need_read
+from ember.api.bodies import audit, call_input, json_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse, encode, encode_ascii
 from ember.control.errors import (
@@ -38,7 +37,6 @@ router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
 RUNSYNC_WAIT = 60.0
 """How long /runsync waits for the job before answering 202, unless `wait` says otherwise."""
 RUNSYNC_MAX_WAIT = 3600.0
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _body(model: type[BaseModel]) -> dict[str, Any]:
@@ -89,79 +87,8 @@ class CallResponse(JSONResponse):
         ]
 
 
-def plane(request: Request) -> ControlPlane:
-    cp: ControlPlane = request.app.state.plane
-    return cp
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def json_body(request: Request) -> Any:
-    return parse_json(await request.body())
-
-
-def parse_json(raw: bytes) -> Any:
-    """A request body as JSON ({} when empty), or a 400 that says what is wrong with it."""
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)
-        if _SURROGATE_ESCAPE.search(raw):  # rare: only then look for a lone surrogate
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
-        raise ApiException(
-            400, "invalid_json", f"request body is not valid UTF-8 text: {exc.reason}"
-        ) from None
-    except RecursionError:
-        raise ApiException(400, "invalid_json", "request body is nested too deeply") from None
-    except ValueError as exc:
-        raise ApiException(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    return value
-
-
 def _not_found(exc: NotFoundError) -> ApiException:
     return ApiException(404, exc.code, exc.message)
-
-
-async def _input_of(request: Request) -> Any:
-    return input_of(await request.body())
-
-
-def input_of(raw: bytes) -> Any:
-    """The `input` of a call's body, or a 400 or 422 that says what is wrong with the body."""
-    body = parse_json(raw)
-    if not isinstance(body, dict):
-        raise ApiException(422, "invalid_input", 'the body must be a JSON object: {"input": {...}}')
-    unknown = set(body) - {"input"}
-    if unknown:
-        raise ApiException(
-            422,
-            "invalid_input",
-            f"unexpected field {sorted(unknown)[0]!r}: "
-            'the body is {"input": {...keyword arguments...}}',
-        )
-    return body.get("input", {})
-
-
-def audit(
-    request: Request,
-    who: Principal | None,
-    action: str,
-    outcome: str,
-    target: str | None = None,
-    detail: dict[str, Any] | None = None,
-) -> None:
-    plane(request).audit.record(
-        workspace=who.workspace if who else None,
-        actor=who.actor if who else "anonymous",
-        action=action,
-        outcome=outcome,
-        target=target,
-        detail=detail,
-        ip=request.client.host if request.client else None,
-    )
 
 
 async def _submit(
@@ -170,16 +97,16 @@ async def _submit(
     """The call's job: a new one, or under an Idempotency-Key the one the key names (a body,
     when it is stored only)."""
     key = request.headers.get("idempotency-key")
+    if key is not None and (problem := key_problem(key)) is not None:
+        raise ApiException(400, "invalid_idempotency_key", problem)
+    cp = plane(request)
     try:
-        if key is None:
-            return plane(request).submit(
-                who.workspace, app, fn, input, policy=who.policy, token=who.token
-            )
-        if (problem := key_problem(key)) is not None:
-            raise ApiException(400, "invalid_idempotency_key", problem)
-        return await plane(request).submit_once(
-            who.workspace, app, fn, input, key, policy=who.policy, token=who.token
-        )
+        try:
+            return await _job_of_call(cp, who, app, fn, input, key)
+        except NotFoundError:
+            if not await cp.cluster.read_again():  # a standby: deployed elsewhere just now?
+                raise
+            return await _job_of_call(cp, who, app, fn, input, key)
     except IdempotencyConflict as exc:
         raise ApiException(409, "idempotency_conflict", str(exc)) from None
     except BudgetBlocked as exc:
@@ -210,6 +137,16 @@ async def _submit(
         raise ApiException(422, "invalid_input", "input is nested too deeply") from None
 
 
+async def _job_of_call(
+    cp: ControlPlane, who: Principal, app: str, fn: str, input: Any, key: str | None
+) -> Job | dict[str, Any]:
+    if key is None:
+        return cp.submit(who.workspace, app, fn, input, policy=who.policy, token=who.token)
+    return await cp.submit_once(
+        who.workspace, app, fn, input, key, policy=who.policy, token=who.token
+    )
+
+
 def _queue_full(exc: QueueFullError) -> ApiException:
     """429 with Retry-After while the workspace's queue is full; 413 for an input that alone is
     larger than the bytes limit (waiting will not help)."""
@@ -223,7 +160,7 @@ def _queue_full(exc: QueueFullError) -> ApiException:
 
 async def queue_job(request: Request, who: Principal, app: str, fn: str) -> Response:
     """POST .../run, once the caller is known (also served by `ember.api.invoke`)."""
-    job = await _submit(request, who, app, fn, await _input_of(request))
+    job = await _submit(request, who, app, fn, await call_input(request))
     if isinstance(job, dict):  # a repeat of a job stored before
         return CallResponse({"id": job["id"], "status": job["status"]}, status_code=202)
     await plane(request).stored(job)
@@ -233,7 +170,7 @@ async def queue_job(request: Request, who: Principal, app: str, fn: str) -> Resp
 
 async def run_job(request: Request, who: Principal, app: str, fn: str, wait: float) -> Response:
     """POST .../runsync, once the caller is known (also served by `ember.api.invoke`)."""
-    job = await _submit(request, who, app, fn, await _input_of(request))
+    job = await _submit(request, who, app, fn, await call_input(request))
     if isinstance(job, dict):  # a repeat of a job stored before: as it is now
         return CallResponse(job, 200 if JobStatus(job["status"]).terminal else 202)
     try:
@@ -495,6 +432,6 @@ public = APIRouter(prefix="/v1")
 
 
 @public.get("/health")
-async def server_health() -> dict[str, str]:
-    """Liveness; needs no token."""
-    return {"status": "ok"}
+async def server_health(request: Request) -> dict[str, str]:
+    """Liveness, and whether this server schedules or stands by (several servers); no token."""
+    return {"status": "ok", "role": "leader" if plane(request).cluster.leading else "standby"}

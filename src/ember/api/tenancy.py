@@ -13,9 +13,10 @@ from fastapi.responses import Response
 
 from ember.api import schemas
 from ember.api.auth import Principal, Scope, need_admin
+from ember.api.bodies import audit, json_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse
-from ember.api.routes import _body, audit, json_body, plane
+from ember.api.routes import _body
 from ember.control.errors import ConflictError, NotFoundError
 from ember.control.tokens import TokenRefused
 from ember.core.names import HANDLE_RE, HANDLE_RULE

@@ -17,6 +17,7 @@ from ember.cli import admin
 from ember.cli.common import ago, api_client, epoch, err, fail, out, print_json, request
 from ember.cli.envs import env_app
 from ember.cli.serving import (
+    AdvertiseOption,
     BackendName,
     BackendOption,
     DbOption,
@@ -141,6 +142,7 @@ def server(
     db: DbOption = None,
     backend: BackendOption = BackendName.local,
     ray_address: RayAddressOption = None,
+    advertise_url: AdvertiseOption = None,
     max_connections: Annotated[
         int,
         typer.Option(
@@ -206,6 +208,7 @@ def server(
             db_url=db,
             backend=backend.value,
             ray_address=ray_address,
+            advertise_url=advertise_url,
             max_connections=max_connections,
             header_timeout=header_timeout,
             quotas=quotas,

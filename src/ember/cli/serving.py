@@ -53,6 +53,17 @@ BackendOption = Annotated[
     ),
 ]
 
+AdvertiseOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="EMBER_ADVERTISE_URL",
+        help="with several servers on one PostgreSQL store: the URL the others reach this one "
+        "at, e.g. http://10.0.0.5:8765 (set it when --host is 0.0.0.0) [default: "
+        "http(s)://HOST:PORT]",
+        show_default=False,
+    ),
+]
+
 RayAddressOption = Annotated[
     str | None,
     typer.Option(

@@ -73,8 +73,11 @@ class Deployments:
         self.writer: Writer
         """Set once the plane starts."""
 
-    def load(self, conn: Connection) -> None:
-        """Every deployed app at its current version, bundles written back where missing."""
+    def load(self, conn: Connection, *, runs_here: bool = True) -> None:
+        """Every deployed app at its current version, bundles written back where missing;
+        swapped in whole (a standby loads again every second). `runs_here=False` (a standby,
+        whose pools only validate calls): an Env not built here leaves no app out."""
+        apps: dict[tuple[str, str], AppState] = {}
         v = tables.versions.c
         b = tables.bundles.c
         self.bundles = {
@@ -111,11 +114,13 @@ class Deployments:
                     row["updated_at"],
                     ver["bundle"],
                     ver["module"],
+                    runs_here=runs_here,
                 )
             except DeployError as exc:
                 log.error("app %s/%s v%s cannot serve: %s", ws, name, ver["version"], exc)
                 continue
-            self.apps[(ws, name)] = app
+            apps[(ws, name)] = app
+        self.apps = apps
 
     # ----------------------------------------------------------------- bundles
     def _root(self, workspace: str, name: str, version: int) -> Path:
@@ -191,6 +196,8 @@ class Deployments:
         updated_at: float,
         digest: str | None,
         module: str | None,
+        *,
+        runs_here: bool = True,
     ) -> AppState:
         bundle = root / filename
         metas: dict[str, FunctionMeta] = {}
@@ -202,7 +209,7 @@ class Deployments:
                 runtime = None
                 if spec.env is not None:
                     runtime = self.runtime_of(workspace, spec.env)
-                    if runtime is None:
+                    if runtime is None and runs_here:
                         raise DeployError(
                             f"{f['name']}: no Env {spec.env} is built in workspace "
                             f"{workspace!r}; build it first (POST /v1/envs; `ember deploy` does)"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import Connection, Engine, delete, insert, select
 
 from ember.backends.base import Runtime
 from ember.envs.builder import (
@@ -153,6 +153,25 @@ class Environments:
                 row["build_s"],
                 row["created_at"],
             )
+
+    async def build_missing(self, engine: Engine) -> None:
+        """Build the Envs the store records that this server lacks (its first start on a store
+        another server built them on, or a takeover), from their specs, before any app is
+        loaded: an app whose Env is not built here cannot serve."""
+        await asyncio.to_thread(self._load_from, engine)
+        missing = {r.id: (ws, r.spec) for (ws, _), r in self.records.items()}
+        for env_id, (workspace, spec) in sorted(missing.items()):
+            if is_built(self.dir, env_id):
+                continue
+            log.warning("building Env %s (recorded in the store, not built here)", env_id)
+            try:
+                await self._make(spec, env_id, lambda phase, detail: None, {workspace})
+            except Exception:
+                log.exception("building Env %s failed: the apps that use it cannot serve", env_id)
+
+    def _load_from(self, engine: Engine) -> None:
+        with engine.connect() as conn:
+            self.load(conn)
 
     # ----------------------------------------------------------------- identity
     def _torch(self) -> str:

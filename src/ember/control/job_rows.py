@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ember.control.records import Job
@@ -32,6 +32,8 @@ FINISH_JOB = (
         }
     )
 )
+FINISH_OWNED = FINISH_JOB.where(tables.jobs.c.owner == bindparam("owned_by"))
+"""FINISH_JOB for a scheduler among several: only while the job is still its own (its epoch)."""
 INSERT_JOB = insert(tables.jobs)
 
 _ENDED = [s.value for s in JobStatus if s.terminal]
@@ -55,9 +57,11 @@ class InsertOnce:
         self.inserted = bool(conn.execute(self.stmt, self.row).rowcount)
 
 
-def row(job: Job) -> dict[str, Any]:
-    """A job's row as accepted: queued, no attempt yet."""
+def row(job: Job, owner: int | None = None) -> dict[str, Any]:
+    """A job's row as accepted: queued, no attempt yet, taken by the scheduler of epoch `owner`
+    (None: by the one server, or by no scheduler yet when a standby accepted it)."""
     return {
+        "owner": owner,
         "id": job.id,
         "app": job.app,
         "function": job.function,
@@ -120,6 +124,54 @@ def load_keyed(engine: Engine, workspace: str, key: str) -> dict[str, Any] | Non
     body = body_of(found)
     del body["workspace"]
     return {**body, "request_digest": found["request_digest"]}
+
+
+_UNFINISHED = [JobStatus.IN_QUEUE.value, JobStatus.IN_PROGRESS.value]
+
+
+def take(conn: Connection, epoch: int, *, all_unfinished: bool) -> list[Any]:
+    """Mark jobs as the scheduler of `epoch`'s and return their rows, oldest first: every job
+    not ended (`all_unfinished`, when it takes the lease over), else the queued ones that no
+    scheduler took or an earlier one did (accepted by a standby, or written late by a scheduler
+    that lost its lease)."""
+    j = tables.jobs.c
+    which: Any
+    if all_unfinished:
+        which = j.status.in_(_UNFINISHED)
+    else:
+        which = (j.status == JobStatus.IN_QUEUE.value) & (j.owner.is_(None) | (j.owner < epoch))
+    rows = conn.execute(
+        update(tables.jobs).where(which).values(owner=epoch).returning(*tables.jobs.c)
+    ).mappings()
+    return sorted(rows, key=lambda r: r["created_at"])
+
+
+def take_queued(engine: Engine, epoch: int) -> list[Any]:
+    """`take` the queued jobs no scheduler took (blocking)."""
+    with engine.begin() as conn:
+        return take(conn, epoch, all_unfinished=False)
+
+
+def ended(engine: Engine, ids: list[str]) -> list[dict[str, Any]]:
+    """The stored bodies of those of `ids` that have ended."""
+    j = tables.jobs.c
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(tables.jobs).where(j.id.in_(ids), j.status.in_(_ENDED))
+        ).mappings()
+        return [body_of(r) for r in found]
+
+
+def queued_elsewhere(engine: Engine) -> dict[str, tuple[int, int]]:
+    """Per workspace, the jobs queued in the store and their inputs' bytes (PostgreSQL)."""
+    j = tables.jobs.c
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(j.workspace, func.count(), func.sum(func.octet_length(j.input)))
+            .where(j.status == JobStatus.IN_QUEUE.value)
+            .group_by(j.workspace)
+        ).all()
+    return {ws: (int(n), int(size or 0)) for ws, n, size in found}
 
 
 def prune_batch(conn: Connection, cutoff: float) -> int:

@@ -102,12 +102,20 @@ class JobBook:
         """(workspace, Idempotency-Key) -> the job it names, for the jobs accepted here under a
         key, from their row's INSERT until their final row is stored."""
         self._insert_once = job_rows.insert_unless_keyed(engine)
+        self.owner: int | None = None
+        """The epoch of the scheduler lease this server holds (control/lease.py): the mark its
+        jobs' rows carry, and the only one under which it writes their end. None: it is the
+        only server of its store, or it stands by."""
+        self.elsewhere: dict[str, tuple[int, int]] = {}
+        """On a standby: per workspace, the jobs and bytes queued in the store when last read,
+        counted with its own against the queue's limits."""
         self.writer: Writer
         """Set once the plane starts."""
 
     # ----------------------------------------------------------------- recovery
-    def load(self, conn: Connection) -> list[Any]:
-        """Read the job counts; return the rows of jobs accepted but never finished."""
+    def load(self, conn: Connection, epoch: int | None = None) -> list[Any]:
+        """Read the job counts; return the rows of jobs accepted but never finished (under a
+        lease's `epoch`: marked as its scheduler's first, so that no earlier one may end them)."""
         j = tables.jobs.c
         counts = conn.execute(
             select(j.workspace, j.app, j.function, j.status, func.count()).group_by(
@@ -116,6 +124,9 @@ class JobBook:
         ).all()
         for ws, app, fn, status, n in counts:
             self.counts.setdefault((ws, app, fn), Counter())[status] += n
+        self.elsewhere = {}  # scheduling from now on: every queued job is counted here
+        if epoch is not None:
+            return job_rows.take(conn, epoch, all_unfinished=True)
         return list(
             conn.execute(
                 select(tables.jobs)
@@ -171,11 +182,7 @@ class JobBook:
         it durable. Raises QueueFullError, before anything exists of the job, when the
         workspace's queue is at one of its limits."""
         input_json = _encode(input)
-        full = admit(
-            Queued(self._queued_jobs[workspace], self._queued_bytes[workspace]),
-            _size(input_json),
-            self.quotas,
-        )
+        full = admit(self.queued(workspace), _size(input_json), self.quotas)
         if full is not None:
             raise QueueFullError(full)
         job = Job(
@@ -246,7 +253,8 @@ class JobBook:
         assert job.idempotency_key is not None
         key = (job.workspace, job.idempotency_key)
         claim = self._claims[key] = asyncio.get_running_loop().create_future()
-        insert = job_rows.InsertOnce(self._insert_once, job_rows.row(job))
+        job.owner = self.owner
+        insert = job_rows.InsertOnce(self._insert_once, job_rows.row(job, job.owner))
         found: Job | dict[str, Any] | None = None
         try:
             job.stored = self.writer.submit(insert)
@@ -266,6 +274,29 @@ class JobBook:
             if live is not None:
                 return live
         return found
+
+    def ended_elsewhere(self, job: Job, body: dict[str, Any]) -> None:
+        """A job this standby accepted ended on the scheduler: its waiters here get its end as
+        stored (`body`, from `job_rows.ended`)."""
+        if job.status.terminal:
+            return
+        job.status = JobStatus(body["status"])
+        for name in ("output", "error", "timings", "cost", "attempts", "finished_at"):
+            setattr(job, name, body[name])
+        job.finished = time.monotonic()
+        self.track(job)
+        self.counts.setdefault((job.workspace, job.app, job.function), Counter())[
+            job.status.value
+        ] += 1
+        job.done.set()
+        job.notify()
+        self._forget(job)
+
+    def let_go(self, job: Job) -> None:
+        """A standby keeps a stored job only while a caller here waits for it: the store has
+        it, and the scheduler ends it."""
+        if job.stored is not None and job.stored.done():
+            self._drop(job)
 
     def _drop(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
@@ -293,8 +324,9 @@ class JobBook:
                 del self._queued_jobs[ws], self._queued_bytes[ws]
 
     def queued(self, workspace: str) -> Queued:
-        """What the workspace has queued now."""
-        return Queued(self._queued_jobs[workspace], self._queued_bytes[workspace])
+        """What the workspace has queued now (on a standby, with the store's queue)."""
+        jobs, size = self.elsewhere.get(workspace, (0, 0))
+        return Queued(self._queued_jobs[workspace] + jobs, self._queued_bytes[workspace] + size)
 
     def store(self, job: Job) -> asyncio.Future[None]:
         """Queue the job's row (once); the future resolves once it is in the store.
@@ -304,7 +336,9 @@ class JobBook:
         final row: until then only its caller, on an open connection, knows it exists.
         """
         if job.stored is None:
-            job.stored = self.writer.submit(execute(job_rows.INSERT_JOB, job_rows.row(job)))
+            job.owner = self.owner
+            row = job_rows.row(job, job.owner)
+            job.stored = self.writer.submit(execute(job_rows.INSERT_JOB, row))
         return job.stored
 
     def store_attempts(self, job: Job) -> None:
@@ -364,9 +398,11 @@ class JobBook:
             "finished_at": job.finished_at,
         }
         if job.stored is None:  # never stored: one INSERT of its final row
-            op = execute(job_rows.INSERT_JOB, {**job_rows.row(job), **final})
-        else:
+            op = execute(job_rows.INSERT_JOB, {**job_rows.row(job, self.owner), **final})
+        elif self.owner is None:
             op = execute(job_rows.FINISH_JOB, {"job_id": job.id, **final})
+        else:  # fenced: a no-op once a later scheduler has taken the job over
+            op = execute(job_rows.FINISH_OWNED, {"job_id": job.id, "owned_by": self.owner, **final})
         job.stored = self.writer.submit(op, urgent=False)
         job.stored.add_done_callback(lambda _f: self._forget(job))
 

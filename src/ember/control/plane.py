@@ -8,7 +8,8 @@ Each room owns one kind of state (see docs/architecture.md):
 - `scaling.Scaler`: how many workers each pool needs and on which GPUs (the core decides);
 - `workers.Workers`: the worker lifecycle and the control channel, over a `Backend`;
 - `governance.Governance`: usage policies, spend and budgets; `secrets.SecretBook`: secrets;
-- `tokens.TokenBook`: workspaces and tokens; `meter.Meter`: usage records; `audit`, `logs`.
+- `tokens.TokenBook`: workspaces and tokens; `meter.Meter`: usage records; `audit`, `logs`;
+- `cluster.Cluster`: on a store several servers share, which one schedules.
 
 Rooms never import each other: each says what it needs from outside as a small dataclass of
 callables (`dispatch.Outside`, `scaling.Facts`, `workers.Events`), and this module, the only one
@@ -18,8 +19,10 @@ that knows them all, fills those in. Everything here runs on the server's event 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +33,10 @@ from sqlalchemy import Engine
 from ember.backends.base import Backend
 from ember.backends.sandbox import make_sandbox
 from ember.config import TOKEN_FILE
-from ember.control import rollout, views
+from ember.control import job_rows, rollout, views
 from ember.control.audit import AuditLog
 from ember.control.backend_choice import make_backend
+from ember.control.cluster import Cluster, Roles
 from ember.control.deployments import Deployments
 from ember.control.dispatch import Dispatcher, Outside
 from ember.control.environments import Environments
@@ -85,6 +89,23 @@ class ControlPlane:
             settings.bundle_limit,
         )
         self.jobs = JobBook(engine, settings.prices, self._job_ended, settings.quotas)
+        self.cluster = Cluster(
+            engine,
+            settings,
+            Roles(
+                lead=self._lead,
+                view=self._view,
+                lost=self._lost,
+                take=functools.partial(job_rows.take_queued, engine),
+                requeue=self._take_in,
+                ended=functools.partial(job_rows.ended, engine),
+                ended_elsewhere=self.jobs.ended_elsewhere,
+                store=self.jobs.store,
+                let_go=self.jobs.let_go,
+                get=self.jobs.get,
+                spawn=self._spawn,
+            ),
+        )
         self.workers = Workers(
             self.backend,
             Events(self._worker_ready, self._worker_message, self._worker_exited),
@@ -125,18 +146,50 @@ class ControlPlane:
         for room in (*rooms, self.governance):
             room.writer = self.writer
         self.meter = Meter(self.writer, self.settings.prices, self.governance.record_spend)
+        await self.cluster.start()
+
+    async def _lead(self, epoch: int | None) -> None:
+        """Schedule: take every unfinished job (under the lease's `epoch`, when several servers
+        share the store), start the templates and the loops. Jobs accepted meanwhile are
+        stored unowned, as on a standby, and taken in by the cluster's intake."""
         await self.workers.listen(self.control_socket)
-        self._requeue_pending(await asyncio.to_thread(self._load))
+        await self.environments.build_missing(self.engine)  # Envs built by another server
+        self._requeue_pending(await asyncio.to_thread(self._load, epoch))
         for app in list(self.deployments.apps.values()):
             await rollout.prepare(self.backend, app, self.logs.template_lines)
             for pool in app.all_pools():
                 self._settle(pool)
         self._spawn(self._tick_forever())
         self._spawn(self.jobs.prune_forever())
+        self.jobs.owner = epoch  # no await from here until the cluster says it leads
+
+    def _lost(self, why: str) -> None:
+        """No longer the scheduler: kill the workers at once (no job runs here and on the next
+        scheduler too), then stop the server."""
+        log.error("stopping: this server no longer schedules (%s)", why)
+        self._stopping = True
+        for w in list(self.workers.live()):
+            self.workers.kill(w, "its server lost the scheduler lease")
+        signal.raise_signal(signal.SIGTERM)
+
+    def _view(self) -> None:
+        """A standby's view of what callers may call, as stored (blocking, at every lease step)."""
+        with self.engine.connect() as conn:
+            self.governance.load(conn, time.time())
+            self.secrets.load(conn)
+            self.deployments.load(conn, runs_here=False)
+            self.tokens.load(conn)
+        self.jobs.elsewhere = job_rows.queued_elsewhere(self.engine)
+
+    def _take_in(self, rows: list[Any]) -> None:  # jobs standbys accepted, taken from the store
+        for job in self.jobs.recover(rows):
+            if (pool := self._home(job)) is not None:
+                self._enqueue(pool, job)
 
     async def stop(self) -> None:
         """Stop every worker (exit hooks get `drain_grace_s`), then flush the store."""
         self._stopping = True
+        self.cluster.stop()
         await self.workers.stop_all(self.settings.drain_grace_s)
         await self.environments.close()
         await self.backend.close()
@@ -144,6 +197,8 @@ class ControlPlane:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.to_thread(self.writer.close)
+        if self.cluster.lease is not None:  # after the last rows: the next scheduler reads them
+            await asyncio.to_thread(self.cluster.lease.release)
         self.logs.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -177,15 +232,17 @@ class ControlPlane:
         self.checkpoint()
         await self.writer.submit(lambda conn: None)
 
-    def _load(self) -> list[Any]:
-        """Read the store's state (in a thread); return the jobs accepted but never finished."""
+    def _load(self, epoch: int | None) -> list[Any]:
+        """Read the store's state (in a thread); return the jobs accepted but never finished
+        (taken under `epoch`: see `_lead`)."""
         with self.engine.begin() as conn:
             end_orphans(conn, self.settings.prices.billing)
+            self.tokens.load(conn)
             self.governance.load(conn, time.time())
             self.secrets.load(conn)
             self.environments.load(conn)
             self.deployments.load(conn)
-            return self.jobs.load(conn)
+            return self.jobs.load(conn, epoch)
 
     def _requeue_pending(self, pending: list[Any]) -> None:
         """Put every job accepted before the last stop back in its queue (on the event loop)."""
@@ -204,19 +261,11 @@ class ControlPlane:
             self._retire(old, app)
         for pool in app.all_pools():
             self._settle(pool)
-        return {
-            "app": app.name,
-            "version": app.version,
-            "functions": list(app.functions),
-            "bundle": app.bundle,
-            "envs": app.describe()["envs"],
-            "warnings": [
-                *self.deployments.unplaceable(app, self.backend.inventory),
-                *views.unsandboxed(
-                    app, self.sandbox is not None, self.unsandboxed_why, self.settings
-                ),
-            ],
-        }
+        warnings = [
+            *self.deployments.unplaceable(app, self.backend.inventory),
+            *views.unsandboxed(app, self.sandbox is not None, self.unsandboxed_why, self.settings),
+        ]
+        return views.deployed(app, warnings)
 
     async def _ready(self, app: AppState, wait: bool) -> None:
         await rollout.prepare(self.backend, app, self.logs.template_lines)
@@ -278,7 +327,10 @@ class ControlPlane:
             workspace, app, meta, input, policy=policy, token=token, tags=tags, key=idempotency_key
         )
         if idempotency_key is None:
-            self._enqueue(state.pool(meta.unit, policy), job)
+            if self.cluster.leading:
+                self._enqueue(state.pool(meta.unit, policy), job)
+            else:
+                self.cluster.accepted(job)
         return job
 
     async def submit_once(
@@ -296,7 +348,9 @@ class ControlPlane:
         )
 
     def _claimed(self, job: Job) -> None:
-        if (pool := self._home(job)) is not None:
+        if not self.cluster.leading or (self.cluster.lease and job.owner is None):  # as stored
+            self.cluster.accepted(job)
+        elif (pool := self._home(job)) is not None:
             self._enqueue(pool, job)
 
     def _home(self, job: Job) -> Pool | None:
@@ -313,10 +367,10 @@ class ControlPlane:
 
     def stored(self, job: Job) -> asyncio.Future[None]:
         """Make an accepted job durable: resolves once its row is in the store."""
-        return self.jobs.store(job)
+        return self.cluster.stored(job, self.jobs.store(job))
 
     async def get_job(self, workspace: str, job_id: str) -> Job | dict[str, Any]:
-        return await self.jobs.get(workspace, job_id)
+        return await self.cluster.get(workspace, job_id)
 
     def cancel(self, job: Job) -> None:
         self.dispatch.cancel(job, self.deployments.pool_of(job))
@@ -403,18 +457,8 @@ class ControlPlane:
         (their templates restart with it)."""
         now = await self.secrets.set(workspace, name, values)
         for app in self.deployments.apps_of(workspace):
-            touched = False
-            for base in app.pools.values():
-                if name not in base.spec.secrets:
-                    continue
-                touched = True
-                env = self.secrets.env_for(workspace, base.spec.secrets)
-                for pool in app.all_pools():
-                    if pool.unit == base.unit:
-                        pool.env = env
-                self.backend.retire(base.bundle, base.unit)
-            if touched:
-                await rollout.prepare(self.backend, app, self.logs.template_lines)
+            env_for = functools.partial(self.secrets.env_for, workspace)
+            await rollout.secret_changed(self.backend, app, name, env_for, self.logs.template_lines)
         return now
 
     async def delete_secret(self, workspace: str, name: str) -> None:
@@ -447,16 +491,8 @@ class ControlPlane:
         Rollups and edge records, summed in a thread: the loop serves other requests meanwhile."""
         check_query(group_by, granularity)
         await self.flush()
-        return await asyncio.to_thread(
-            summarize_usage,
-            self.engine,
-            workspace,
-            group_by,
-            since,
-            until,
-            granularity,
-            self.settings.prices,
-        )
+        query = (workspace, group_by, since, until, granularity, self.settings.prices)
+        return await asyncio.to_thread(summarize_usage, self.engine, *query)
 
     def health(self, workspace: str, app: str, fn: str) -> dict[str, Any]:
         state, meta = self.deployments.lookup(workspace, app, fn)

@@ -48,8 +48,10 @@ class Spend:
             .where(u.policy.is_not(None), u.start >= now - SPEND_HISTORY_DAYS * 86400)
             .group_by(u.workspace, u.policy, day)
         ).all()
+        daily: dict[Key, dict[int, float]] = defaultdict(lambda: defaultdict(float))
         for ws, policy, d, usd in rows:
-            self._daily[(ws, policy)][int(d)] += float(usd or 0.0)
+            daily[(ws, policy)][int(d)] += float(usd or 0.0)
+        self._daily = daily  # one swap: a standby loads again every second (control/plane.py)
 
     def add(self, key: Key, start: float, usd: float) -> None:
         if usd:
@@ -70,12 +72,17 @@ class PolicyBook:
         self.created_at: dict[Key, float] = {}
 
     def load(self, conn: Connection) -> None:
+        """Every policy as stored, swapped in whole (a standby loads again every second)."""
+        policies: dict[Key, Policy] = {}
+        created_at: dict[Key, float] = {}
+        alerted: dict[Key, float] = {}
         for row in conn.execute(select(tables.policies)).mappings():
             key = (row["workspace"], row["name"])
-            self.policies[key] = Policy.from_dict(json.loads(row["body"]))
-            self.created_at[key] = row["created_at"]
+            policies[key] = Policy.from_dict(json.loads(row["body"]))
+            created_at[key] = row["created_at"]
             if row["alerted_period"] is not None:
-                self.alerted[key] = row["alerted_period"]
+                alerted[key] = row["alerted_period"]
+        self.policies, self.created_at, self.alerted = policies, created_at, alerted
 
     def of(self, workspace: str) -> list[Policy]:
         return sorted(

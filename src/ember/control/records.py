@@ -157,6 +157,9 @@ class Job:
     timer: asyncio.TimerHandle | None = None
     stored: asyncio.Future[None] | None = None
     """Its row's INSERT, once queued (`JobBook.store`); None while it lives in memory alone."""
+    owner: int | None = None
+    """The scheduler lease's epoch its row was written under (None: the one server's, or no
+    scheduler's yet: a standby's, which the scheduler's intake takes; control/cluster.py)."""
     done: Done = field(default_factory=lambda: Done())
     _changed: asyncio.Event | None = field(default=None, repr=False)
 

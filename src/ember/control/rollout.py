@@ -65,3 +65,26 @@ async def check_imports(backend: Backend, app: AppState, timeout: float = IMPORT
     raise DeployError(
         f"app {app.name!r} was not deployed (the version before it keeps serving): {text}"
     )
+
+
+async def secret_changed(
+    backend: Backend,
+    app: AppState,
+    name: str,
+    env_for: Callable[[tuple[str, ...]], dict[str, str]],
+    template_lines: TemplateLog,
+) -> None:
+    """Secret `name` changed: the units of `app` that name it get its new environment in the
+    workers they start from now on, and their templates start again with it."""
+    touched = False
+    for base in app.pools.values():
+        if name not in base.spec.secrets:
+            continue
+        touched = True
+        env = env_for(base.spec.secrets)
+        for pool in app.all_pools():
+            if pool.unit == base.unit:
+                pool.env = env
+        backend.retire(base.bundle, base.unit)
+    if touched:
+        await prepare(backend, app, template_lines)

@@ -29,8 +29,11 @@ class SecretBook:
         """Set once the plane starts."""
 
     def load(self, conn: Connection) -> None:
-        for row in conn.execute(select(tables.secrets)).mappings():
-            self.values[(row["workspace"], row["name"])] = self.vault.decrypt(row["ciphertext"])
+        """Every secret, decrypted, swapped in whole (a standby loads again every second)."""
+        self.values = {
+            (row["workspace"], row["name"]): self.vault.decrypt(row["ciphertext"])
+            for row in conn.execute(select(tables.secrets)).mappings()
+        }
 
     def has(self, workspace: str, name: str) -> bool:
         return (workspace, name) in self.values

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ember.core.lease import DEFAULT_TTL_S
 from ember.core.placement import Gpu
 from ember.core.pricing import PriceTable
 from ember.core.quotas import Quotas
@@ -44,3 +45,7 @@ class Settings:
     """What runs workers: `local` (processes here) or `ray` (actors of a Ray cluster)."""
     ray_address: str | None = None
     """The Ray cluster to join as a driver (`--ray-address`; None: Ray's own default)."""
+    advertise_url: str = "http://127.0.0.1:8765"
+    """Where other servers of a shared store reach this one (`--advertise-url`)."""
+    lease_ttl_s: float = DEFAULT_TTL_S
+    """How long the scheduler lease lasts unrenewed (EMBER_LEASE_TTL; control/lease.py)."""

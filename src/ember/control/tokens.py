@@ -155,16 +155,26 @@ def _admin_token(workspace: str, digest: str, now: float, *, bootstrap: bool = F
     )
 
 
-def ensure_token(engine: Engine, data_dir: Path) -> None:
+def ensure_token(engine: Engine, data_dir: Path, *, shared: bool = False) -> None:
     """Make sure the bootstrap token file exists and is known.
 
     Deleting the token file and restarting rotates the bootstrap token: the old one stops working.
+    On a `shared` store (several servers), a server without the file joins the token the first
+    server made instead: rotating it would lock every other server's callers out.
     """
     path = data_dir / TOKEN_FILE
     now = time.time()
     with engine.begin() as conn:
         token = path.read_text().strip() if path.exists() else ""
         t = tables.tokens.c
+        live = (t.bootstrap.is_(True), t.revoked_at.is_(None))
+        if not token and shared and conn.execute(select(t.id).where(*live)).first() is not None:
+            log.info(
+                "this store's admin token was made by another server: callers use that one "
+                "(or a token from `ember token create`), and %s stays absent here",
+                path,
+            )
+            return
         if not token:
             conn.execute(
                 update(tables.tokens)
@@ -193,9 +203,15 @@ class TokenBook:
         """Set once the control plane starts; writes before that go to the store directly."""
         self._by_hash: dict[str, Principal] = {}
         with engine.connect() as conn:
-            t = tables.tokens.c
-            for row in conn.execute(select(tables.tokens).where(t.revoked_at.is_(None))).mappings():
-                self._by_hash[row["hash"]] = _principal(row)
+            self.load(conn)
+
+    def load(self, conn: Connection) -> None:
+        """The live tokens as stored, swapped in whole (a standby loads again every second)."""
+        t = tables.tokens.c
+        self._by_hash = {
+            row["hash"]: _principal(row)
+            for row in conn.execute(select(tables.tokens).where(t.revoked_at.is_(None))).mappings()
+        }
 
     # ------------------------------------------------------------------------- who is calling
     def find(self, token: str) -> Principal | None:

@@ -104,3 +104,15 @@ def unsandboxed(app: AppState, sandboxed: bool, why: str | None, settings: Setti
         f"this server runs no worker sandbox ({why}); its calls will fail: " + r
         for r in sorted(r for r in reasons if r is not None)
     ]
+
+
+def deployed(app: AppState, warnings: list[str]) -> dict[str, Any]:
+    """The answer to a deploy: the version made current, and what its caller should know."""
+    return {
+        "app": app.name,
+        "version": app.version,
+        "functions": list(app.functions),
+        "bundle": app.bundle,
+        "envs": app.describe()["envs"],
+        "warnings": warnings,
+    }

@@ -1,0 +1,87 @@
+"""A request's parts every endpoint reads the same way: the plane, a JSON body, a call's input,
+and the audit trail's entry for what the request did."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import Request
+
+from ember.api.auth import Principal
+from ember.api.errors import ApiException
+from ember.control.plane import ControlPlane
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def plane(request: Request) -> ControlPlane:
+    cp: ControlPlane = request.app.state.plane
+    return cp
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def json_body(request: Request) -> Any:
+    return parse_json(await request.body())
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON ({} when empty), or a 400 that says what is wrong with it."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)
+        if _SURROGATE_ESCAPE.search(raw):  # rare: only then look for a lone surrogate
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+        raise ApiException(
+            400, "invalid_json", f"request body is not valid UTF-8 text: {exc.reason}"
+        ) from None
+    except RecursionError:
+        raise ApiException(400, "invalid_json", "request body is nested too deeply") from None
+    except ValueError as exc:
+        raise ApiException(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    return value
+
+
+async def call_input(request: Request) -> Any:
+    return input_of(await request.body())
+
+
+def input_of(raw: bytes) -> Any:
+    """The `input` of a call's body, or a 400 or 422 that says what is wrong with the body."""
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise ApiException(422, "invalid_input", 'the body must be a JSON object: {"input": {...}}')
+    unknown = set(body) - {"input"}
+    if unknown:
+        raise ApiException(
+            422,
+            "invalid_input",
+            f"unexpected field {sorted(unknown)[0]!r}: "
+            'the body is {"input": {...keyword arguments...}}',
+        )
+    return body.get("input", {})
+
+
+def audit(
+    request: Request,
+    who: Principal | None,
+    action: str,
+    outcome: str,
+    target: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    plane(request).audit.record(
+        workspace=who.workspace if who else None,
+        actor=who.actor if who else "anonymous",
+        action=action,
+        outcome=outcome,
+        target=target,
+        detail=detail,
+        ip=request.client.host if request.client else None,
+    )

@@ -4,6 +4,10 @@
     .venv/bin/python bench/core.py            # writes bench/results/core.json
     python3 bench/compare.py                  # prints the table (docs/benchmarks.md)
 
+    # or both on one Ray cluster, ember's workers on it too, Ray Serve's JSON inside core.json:
+    .venv/bin/python bench/core.py --backend ray --ray-serve .venv-ray/bin/python
+    python3 bench/compare.py
+
 Both benchmarks measure with the same light client (bench/loadgen.py) on the same machine; run
 them back to back. Ratios: Ray Serve / ember for times (above 1: ember is faster), ember / Ray
 Serve for throughput (above 1: ember serves more).
@@ -103,10 +107,19 @@ def table(ember: dict[str, Any], ray: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ember", type=Path, default=RESULTS / "core.json")
-    parser.add_argument("--ray", type=Path, default=RESULTS / "ray_serve.json")
+    parser.add_argument(
+        "--ray",
+        type=Path,
+        help="bench/ray_serve.py's JSON [default: the `ray_serve` section of --ember's, from "
+        "`bench/core.py --backend ray --ray-serve PYTHON`, else bench/results/ray_serve.json]",
+    )
     args = parser.parse_args()
     try:
-        ember, ray = json.loads(args.ember.read_text()), json.loads(args.ray.read_text())
+        ember = json.loads(args.ember.read_text())
+        if args.ray is None and "warm" in ember.get("ray_serve", {}):
+            ray = ember["ray_serve"]
+        else:
+            ray = json.loads((args.ray or RESULTS / "ray_serve.json").read_text())
     except OSError as exc:
         print(
             f"cannot read {exc.filename}: run the benchmark that writes it first", file=sys.stderr

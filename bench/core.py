@@ -18,6 +18,23 @@ Progress goes to stderr.
                                               # warm latency, throughput and the relay floor
                                               # only: one iteration in about half a minute
 
+Past one machine's defaults (issue 17):
+
+    .venv/bin/python bench/core.py --db postgresql://postgres@127.0.0.1:5432/test
+                                              # the store in PostgreSQL: a new database there
+                                              # for the run, dropped after; adds `accept`
+    .venv/bin/python bench/core.py --backend ray [--ray-address HEAD:PORT]
+                                              # workers as Ray actors; without an address a
+                                              # Ray head is started for the run, stopped after
+    .venv/bin/python bench/core.py --backend ray --ray-serve .venv-ray/bin/python
+                                              # then Ray Serve on that same cluster
+                                              # (bench/ray_serve.py), its JSON in `ray_serve`
+    .venv/bin/python bench/core.py --db postgresql://... --servers 2
+                                              # two servers on one database; `accept` spreads
+                                              # POST /run over both (jobs accepted per second)
+
+The JSON records the backend (`backend`), the store (`store`) and the number of servers.
+
 Beside ember's warm and throughput figures it measures the relay floor (bench/relay.py: a bare
 ASGI app handing each request to a second process over one socket, the least any server-plus-
 worker design costs here) with the same clients, interleaved, and reports ember's ratios to it.
@@ -29,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import functools
 import http.client
@@ -37,14 +55,16 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -919,6 +939,313 @@ def bench_model(server: BenchServer, templates: bool, cold_n: int, workers: int)
     }
 
 
+def bench_accept(servers: Sequence[BenchServer], clients: int, duration: float) -> dict[str, Any]:
+    """`clients` closed-loop clients, client k on server k mod N (round-robin), each POSTing /run
+    of the no-op back to back for `duration` seconds on its own keep-alive connection (opened,
+    and used once, before the clock starts): jobs accepted (202) per second per server and in
+    all, and the latency of the 202. Then waits until every accepted job has finished (the
+    first server's health of the no-op), so that nothing is left running for what follows."""
+    n = len(servers)
+    path = f"/v1/apps/{APP}/noop/run"
+    health = f"/v1/apps/{APP}/noop/health"
+    ended = ("completed", "failed", "cancelled", "timed_out")
+    requests = [
+        loadgen.request_bytes("POST", s.url + path, {"input": {}}, s.headers) for s in servers
+    ]
+    with servers[0].http_client() as c:
+        before = c.get(health).json()["jobs"]
+    latencies: list[list[float]] = [[] for _ in servers]
+    refused: list[dict[int, int]] = [{} for _ in servers]
+    broken = [0] * n
+    first_calls = 0
+
+    async def main() -> float:
+        nonlocal first_calls
+        conns = [await loadgen.Connection.open(servers[k % n].url) for k in range(clients)]
+        try:
+            for k, conn in enumerate(conns):
+                status, body = await conn.call(requests[k % n])
+                if status != 202:
+                    raise RuntimeError(
+                        f"run on {servers[k % n].url}: HTTP {status}: {body[:300]!r}"
+                    )
+                first_calls += 1
+            t_start = time.perf_counter()
+            stop_at = t_start + duration
+
+            async def loop(k: int) -> None:
+                i = k % n
+                request, mine, theirs = requests[i], latencies[i], refused[i]
+                while time.perf_counter() < stop_at:
+                    t0 = time.perf_counter()
+                    try:
+                        status, _ = await conns[k].call(request)
+                    except (OSError, ValueError, asyncio.IncompleteReadError):
+                        broken[i] += 1  # the server closed it: a new connection, untimed
+                        conns[k].close()
+                        conns[k] = await loadgen.Connection.open(servers[i].url)
+                        continue
+                    if status == 202:
+                        mine.append((time.perf_counter() - t0) * 1000)
+                    else:
+                        theirs[status] = theirs.get(status, 0) + 1
+
+            await asyncio.gather(*(loop(k) for k in range(clients)))
+            return time.perf_counter() - t_start
+        finally:
+            for conn in conns:
+                conn.close()
+
+    roles = [httpx.get(s.url + "/v1/health", timeout=10).json().get("role") for s in servers]
+    pids = [s.proc.pid for s in servers if s.proc is not None]
+    cpu_before = [cpu_seconds(p) for p in pids]
+    elapsed: float = loadgen.run(main())
+    cpu = [round(cpu_seconds(p) - b, 2) for p, b in zip(pids, cpu_before, strict=True)]
+    accepted = sum(len(lat) for lat in latencies)
+    total = accepted + first_calls
+    t0 = time.perf_counter()
+    drained: float | None = None
+    with servers[0].http_client() as c:
+
+        def finished() -> bool:
+            jobs = c.get(health).json()["jobs"]
+            return sum(jobs.get(k, 0) - before.get(k, 0) for k in ended) >= total
+
+        with contextlib.suppress(TimeoutError):
+            wait_for(finished, 300, 0.05, f"the {total} accepted jobs to finish")
+            drained = round(time.perf_counter() - t0, 2)
+    per_server = [
+        {
+            "url": s.url,
+            "role": roles[i],
+            "clients": len(range(i, clients, n)),
+            "accepted": len(latencies[i]),
+            "accepted_per_s": round(len(latencies[i]) / elapsed, 1),
+            "refused": {str(k): v for k, v in sorted(refused[i].items())},
+            "connections_reopened": broken[i],
+            "latency": summary(latencies[i]),
+            "server_cpu_s": cpu[i],
+        }
+        for i, s in enumerate(servers)
+    ]
+    return {
+        "what": f"{clients} concurrent closed-loop clients, client k on server k mod {n}, POST "
+        f"/v1/apps/{APP}/noop/run (an async job: the 202 once its row is committed) back to back "
+        "on a keep-alive connection each (bench/loadgen.py), opened and used once before the "
+        "clock starts; then every accepted job waited for",
+        "servers": n,
+        "clients": clients,
+        "duration_s": round(elapsed, 3),
+        "accepted": accepted,
+        "accepted_per_s": round(accepted / elapsed, 1),
+        "latency": summary([x for lat in latencies for x in lat]),
+        "per_server": per_server,
+        "role_note": "each server's `role` in GET /v1/health (leader or standby, on a store "
+        "shared by several; null where the server does not say)",
+        "all_finished_after_s": drained,
+        "all_finished_note": "seconds from the end of the load until the first server's health of "
+        "the no-op counted every accepted job finished (null: not within 300 s)",
+    }
+
+
+# --- the store and the backend of a run -------------------------------------------------------
+
+
+def postgres_admin_url(url: str) -> str:
+    """`--db`'s URL for SQLAlchemy in this process: postgresql:// means psycopg 3, as for the
+    server. Anything but PostgreSQL is refused (SQLite is the default, in each data dir)."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    raise SystemExit(
+        f"--db {url!r}: give a PostgreSQL URL whose user may create databases, e.g. "
+        "postgresql://postgres@127.0.0.1:5432/test (without --db, each server has SQLite in its "
+        "data dir)"
+    )
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A new, empty database on the PostgreSQL server of `admin_url` (as tests/pg.py makes one
+    per test), its URL; dropped, connections and all, afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"ember_bench_{secrets.token_hex(6)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        log(f"PostgreSQL: database {name} created for the run")
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            log(f"PostgreSQL: database {name} dropped")
+    finally:
+        admin.dispose()
+
+
+def postgres_facts(admin_url: str) -> dict[str, Any]:
+    """The server's version and where it is (the URL without its password)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    engine = create_engine(admin_url)
+    try:
+        with engine.connect() as conn:
+            version = conn.execute(text("SHOW server_version")).scalar()
+    finally:
+        engine.dispose()
+    url = make_url(admin_url)
+    return {
+        "kind": "postgresql",
+        "server": f"{url.host}:{url.port or 5432}",
+        "server_version": version,
+        "note": "a new database on this server for each `ember server` group (the servers of the "
+        "core run share one; each model server has its own), dropped after",
+    }
+
+
+class RayHead:
+    """A Ray head for the run: `ray start --head --block` of `python`'s Ray, on 127.0.0.1 with
+    its own ports and temp dir, so that it and its processes are ours alone. Ray starts its
+    worker processes (ember's node agents, Ray Serve's actors) with that Python, which therefore
+    needs ember (and Ray Serve, for --ray-serve). Stopped with SIGTERM to `ray start`, which
+    drains and stops what it started; any process of its temp dir left is then killed by pid."""
+
+    def __init__(self, python: str, cpus: int, temp_dir: Path, *, client: bool = False) -> None:
+        """`client`: that Ray has Ray Client's packages (grpc), so `ray start` starts its
+        server, on a port of its own here (it refuses the port option otherwise)."""
+        self.python = python
+        self.client = client
+        self.cpus = cpus
+        self.temp_dir = temp_dir
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = temp_dir.parent / "ray-head.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.left: list[str] = []
+
+    def command(self) -> list[str]:
+        ports = {
+            **({"--ray-client-server-port": free_port()} if self.client else {}),
+            "--dashboard-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+        }
+        return [
+            *(self.python, "-m", "ray.scripts.scripts", "start", "--head", "--block"),
+            *("--node-ip-address", "127.0.0.1", "--port", str(self.port)),
+            *("--num-cpus", str(self.cpus), "--num-gpus", "0"),
+            *("--object-store-memory", str(256 * 1024 * 1024)),
+            *("--include-dashboard", "false", "--disable-usage-stats"),
+            *("--temp-dir", str(self.temp_dir)),
+            *(x for k, v in ports.items() for x in (k, str(v))),
+        ]
+
+    def __enter__(self) -> RayHead:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        log(f"starting a Ray head on {self.address} ({self.python}, {self.cpus} CPUs)")
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"ray start exited with {self.proc.returncode}; its log ({self.log_path}):\n"
+                    f"{self.log_path.read_text(errors='replace')[-3000:]}"
+                )
+            return "Ray runtime started" in self.log_path.read_text(errors="replace")
+
+        try:
+            wait_for(up, 120, 0.2, "the Ray head")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def processes(self) -> list[int]:
+        """Live processes whose command line names this head's temp dir, or below `ray start`."""
+        mine = str(self.temp_dir)
+        found = {int(e) for e in os.listdir("/proc") if e.isdigit() and mine in cmdline(int(e))}
+        if self.proc is not None:
+            found.update(_children(self.proc.pid))
+        me = os.getpid()
+        return sorted(p for p in found if p != me and pid_alive(p))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        pids = self.processes()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: not any(pid_alive(p) for p in pids), 30, 0.1, "Ray's processes")
+        left = sorted({p for p in pids if pid_alive(p)} | set(self.processes()))
+        self.left = [f"{p} {cmdline(p)[:120]}" for p in left]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            log(f"Ray processes left after the head stopped (killed now): {self.left}")
+        self.proc = None
+
+
+def ancestry(pid: int, depth: int = 6) -> list[str]:
+    """A process's parent, grandparent, ...: their command lines, cut short (on the Ray backend
+    a worker's template and the Ray actor, `ray::NodeAgent`, that started it)."""
+    out: list[str] = []
+    parent = parent_pid(pid)
+    while parent and len(out) < depth:
+        out.append(f"{parent} {cmdline(parent)[:80]}")
+        parent = parent_pid(parent)
+    return out
+
+
+def ray_facts(python: str) -> dict[str, Any]:
+    """Ray's version in `python` and whether that Python can run ember and Ray Serve."""
+    probe = (
+        "import importlib.util, json, ray; print(json.dumps({'ray': ray.__version__, "
+        "'ember': importlib.util.find_spec('ember') is not None, "
+        "'serve': all(importlib.util.find_spec(m) is not None for m in ('grpc', 'ray.serve'))}))"
+    )
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{python}: cannot import ray: {proc.stderr.strip()[-500:]}")
+    facts: dict[str, Any] = json.loads(proc.stdout)
+    return facts
+
+
+def run_ray_serve(
+    python: str, address: str, output: Path, sizes: dict[str, int | float]
+) -> dict[str, Any]:
+    """bench/ray_serve.py with `python`, on the cluster at `address`: its JSON."""
+    cmd = [python, str(ROOT / "bench" / "ray_serve.py"), "--ray-address", address]
+    for flag, value in sizes.items():
+        cmd += [f"--{flag}", str(value)]
+    cmd += ["--output", str(output)]
+    log(f"Ray Serve on the same cluster: {' '.join(cmd)}")
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    if not output.exists():
+        return {"error": f"bench/ray_serve.py exited with {proc.returncode} and wrote no JSON"}
+    result: dict[str, Any] = json.loads(output.read_text())
+    result["exit_code"] = proc.returncode
+    return result
+
+
 def versions() -> dict[str, Any]:
     import ember
 
@@ -926,28 +1253,43 @@ def versions() -> dict[str, Any]:
 
 
 def with_server(
-    server: BenchServer, body: Callable[[BenchServer], dict[str, Any]]
+    server: BenchServer,
+    body: Callable[[BenchServer], dict[str, Any]],
+    others: Sequence[BenchServer] = (),
 ) -> tuple[dict[str, Any], bool]:
-    """Start `server`, run `body` on it, stop it and check that no worker outlived it (that goes
-    into the result as `workers_left_after_stop`). Returns the body's result and whether all went
-    well; an exception from `body` goes on, after the server is stopped and its log shown."""
+    """Start `server` (then `others`, on the same database, each given the first one's token
+    file), run `body` on the first, stop them all (`others` first) and check that no worker
+    outlived them (that goes into the result as `workers_left_after_stop`). Returns the body's
+    result and whether all went well; an exception from `body` goes on, after the servers are
+    stopped and their logs shown."""
     ok = False
     result: dict[str, Any] = {}
+    started: list[BenchServer] = []
     try:
-        log(f"starting ember server on {server.url} (data dir {server.data_dir})")
-        server.start()
+        for i, s in enumerate((server, *others)):
+            if i:
+                s.data_dir.mkdir(parents=True, exist_ok=True)
+                token = s.data_dir / "token"
+                shutil.copyfile(server.data_dir / "token", token)
+                token.chmod(0o600)
+            log(f"starting ember server on {s.url} (data dir {s.data_dir})")
+            started.append(s)
+            s.start(timeout=60)
         result = body(server)
         ok = True
     finally:
-        try:
-            server.shutdown()
-            result["workers_left_after_stop"] = 0
-        except WorkersOutlived as exc:
-            ok = False
-            result["workers_left_after_stop"] = len(exc.pids)
-            log(str(exc))
+        left = 0
+        for s in reversed(started):
+            try:
+                s.shutdown()
+            except WorkersOutlived as exc:
+                ok = False
+                left += len(exc.pids)
+                log(str(exc))
+        result["workers_left_after_stop"] = left
         if not ok:
-            log(f"server log ({server.log_path}):\n{server.log()[-3000:]}")
+            for s in started:
+                log(f"server log ({s.log_path}):\n{s.log()[-3000:]}")
     return result, ok
 
 
@@ -1012,26 +1354,173 @@ def main() -> int:
     parser.add_argument(
         "--concurrency", type=int, default=32, help="slots per no-op worker (default 32)"
     )
+    parser.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="the servers' --backend: local worker processes (the default), or Ray actors on a "
+        "Ray cluster (--ray-address, else a Ray head started for the run)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="with --backend ray: the cluster to join (HEAD:PORT); without it a Ray head is "
+        "started for the run (127.0.0.1, its own ports and temp dir) and stopped at the end",
+    )
+    parser.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="CPUs the Ray head started for the run declares (default: this machine's cores)",
+    )
+    parser.add_argument(
+        "--ray-python",
+        help="the Python whose Ray starts the head (its workers, ember's node agents and Ray "
+        "Serve's actors, run that Python: it needs ember, and Ray Serve for --ray-serve) "
+        "[default: --ray-serve's Python, else this one]",
+    )
+    parser.add_argument(
+        "--ray-serve",
+        metavar="PYTHON",
+        help="with --backend ray: after ember's measurements, run bench/ray_serve.py with this "
+        "Python (e.g. .venv-ray/bin/python) on the same Ray cluster, the same sizes, and put its "
+        "JSON under `ray_serve`",
+    )
+    parser.add_argument(
+        "--db",
+        help="a PostgreSQL URL whose user may create databases (e.g. "
+        "postgresql://postgres@127.0.0.1:5432/test): the servers run on a new database made "
+        "there for the run and dropped after [default: SQLite in each server's data dir]",
+    )
+    parser.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        help="ember servers on the one --db database (PostgreSQL only), each with its own data "
+        "dir and port, one EMBER_MASTER_KEY and the first one's token; the accept phase spreads "
+        "its clients over them, the other phases use the first (default 1)",
+    )
+    parser.add_argument(
+        "--accept",
+        action=argparse.BooleanOptionalAction,
+        help="the accept phase: jobs accepted per second by POST /run, --clients clients "
+        "round-robin over the servers, for --duration s, last of the core phases (default: on "
+        "with --db or --servers, off otherwise)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
-    warm_n = args.warm_n or (200 if args.quick else 1000 if args.warm_only else 2000)
-    duration = args.duration or (2.0 if args.quick else 4.0 if args.warm_only else 10.0)
-    cold_n = args.cold_n or (5 if args.quick else 20)
-    burst_n = args.burst_n if args.burst_n is not None else (100 if args.quick else 500)
-    model = args.model if args.model is not None else not (args.quick or args.warm_only)
-    model_cold_n = args.model_cold_n or (2 if args.quick else 5)
-
+    if args.servers < 1:
+        parser.error("--servers: at least 1")
+    if args.servers > 1 and not args.db:
+        parser.error(
+            f"--servers {args.servers}: several servers share one database, and SQLite is one "
+            "server's file in its data dir: give --db postgresql://USER@HOST:5432/DB"
+        )
+    if args.backend != "ray" and (args.ray_address or args.ray_serve or args.ray_python):
+        parser.error("--ray-address, --ray-python and --ray-serve go with --backend ray")
+    pg_admin = postgres_admin_url(args.db) if args.db else None
+    accept = args.accept if args.accept is not None else bool(args.db or args.servers > 1)
     root = Path(tempfile.mkdtemp(prefix="ember-bench-"))
     result: dict[str, Any] = {
         "benchmark": "bench/core.py",
         "command": " ".join(["python", "bench/core.py", *sys.argv[1:]]),
         "machine": versions(),
+        "backend": {"kind": args.backend},
+        "store": (
+            postgres_facts(pg_admin)
+            if pg_admin
+            else {"kind": "sqlite", "note": "each server's own file in its data dir"}
+        ),
+        "servers": args.servers,
         "noop_function": {
             "workers": args.workers,
             "concurrency": args.concurrency,
             "note": "min_workers=max_workers=--workers, started at deploy and kept warm",
         },
     }
+    stack = contextlib.ExitStack()
+    ray_address: str | None = None
+    head: RayHead | None = None
+    if args.backend == "ray":
+        ray_python = args.ray_python or args.ray_serve or sys.executable
+        facts = ray_facts(ray_python)
+        if not args.ray_address and not facts["ember"]:
+            raise SystemExit(
+                f"{ray_python} cannot import ember, which the Ray head's workers (ember's node "
+                "agents) run: install it there (pip install -e .) or give --ray-python"
+            )
+        if args.ray_serve:
+            serve_facts = ray_facts(args.ray_serve)
+            if not serve_facts["serve"]:
+                raise SystemExit(
+                    f"{args.ray_serve} cannot import Ray Serve: pip install 'ray[serve]'"
+                )
+            if not args.ray_address and not facts["serve"]:
+                raise SystemExit(
+                    f"the Ray head's Python {ray_python} cannot import Ray Serve, whose actors "
+                    "it would run: give a --ray-python with both ember and ray[serve]"
+                )
+        if args.ray_address:
+            ray_address = args.ray_address
+        else:
+            head = stack.enter_context(
+                RayHead(ray_python, args.ray_cpus, root / "ray", client=facts["serve"])
+            )
+            ray_address = head.address
+        result["backend"].update(
+            {
+                "ray_address": ray_address,
+                "ray_head": (
+                    f"started for the run: ray start --head --num-cpus {args.ray_cpus} "
+                    f"--num-gpus 0 --object-store-memory 256 MiB, with {ray_python}"
+                    if head
+                    else "given (--ray-address)"
+                ),
+                "ray": facts["ray"],
+            }
+        )
+
+    def server_args(db_url: str | None) -> list[str]:
+        out = ["--backend", "ray", "--ray-address", ray_address] if ray_address else []
+        return [*out, "--db", db_url] if db_url else out
+
+    def database() -> contextlib.AbstractContextManager[str | None]:
+        return fresh_database(pg_admin) if pg_admin else contextlib.nullcontext()
+
+    if pg_admin:  # one master key for every server on a database (the data dir's is per server)
+        os.environ.setdefault(
+            "EMBER_MASTER_KEY", base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        )
+    try:
+        ok = _run(args, root, result, server_args, database, accept)
+    finally:
+        stack.close()
+        if head is not None:
+            result["backend"]["ray_processes_left_after_stop"] = head.left
+    if head is not None and head.left:
+        ok = False
+    if ok:
+        shutil.rmtree(root, ignore_errors=True)
+
+    emit(result, args.output)
+    return 0 if ok else 1
+
+
+def _run(
+    args: argparse.Namespace,
+    root: Path,
+    result: dict[str, Any],
+    server_args: Callable[[str | None], list[str]],
+    database: Callable[[], contextlib.AbstractContextManager[str | None]],
+    accept: bool,
+) -> bool:
+    """The measurements of `main`, into `result`; whether all went well."""
+    warm_n = args.warm_n or (200 if args.quick else 1000 if args.warm_only else 2000)
+    duration = args.duration or (2.0 if args.quick else 4.0 if args.warm_only else 10.0)
+    cold_n = args.cold_n or (5 if args.quick else 20)
+    burst_n = args.burst_n if args.burst_n is not None else (100 if args.quick else 500)
+    model = args.model if args.model is not None else not (args.quick or args.warm_only)
+    model_cold_n = args.model_cold_n or (2 if args.quick else 5)
+    servers: list[BenchServer] = []
 
     def core(server: BenchServer) -> dict[str, Any]:
         server.deploy(
@@ -1054,6 +1543,8 @@ def main() -> int:
                 what="the no-op's workers",
             )
         out: dict[str, Any] = {}
+        if args.backend == "ray":
+            out["noop_workers_under"] = [ancestry(w["pid"]) for w in server.workers() if w["pid"]]
         log(f"warm: {warm_n} sequential calls")
         out["warm_runsync"] = bench_warm(server, warm_n, warmup=max(50, warm_n // 10))
         log(f"throughput: {args.clients} clients ({args.client_mode}) for {duration:.0f} s")
@@ -1069,8 +1560,15 @@ def main() -> int:
                 relay.stop()
             out["relay_floor"] = floor
             log(f"relay floor: ratios {floor['ratios']}")
-        if args.warm_only:
-            return out
+        if not args.warm_only:
+            cold_and_burst(server, out)
+        if accept:
+            log(f"accept: {args.clients} clients, POST /run over {len(servers)} server(s)")
+            out["accept"] = bench_accept(servers, args.clients, duration)
+            log(f"accept: {out['accept']['accepted_per_s']} jobs/s in all")
+        return out
+
+    def cold_and_burst(server: BenchServer, out: dict[str, Any]) -> None:
         log(f"cold start: {cold_n} calls from zero")
         out["cold_start"] = bench_cold(server, cold_n)
         if burst_n > 0:
@@ -1078,10 +1576,27 @@ def main() -> int:
             out["burst"] = bench_burst(server, burst_n, args.burst_clients)
             log(f"burst: {burst_n} runsync calls at once, as bench/ray_serve.py sends them")
             out["burst_runsync"] = bench_burst_runsync(server, burst_n)
-        return out
 
-    core_result, ok = with_server(BenchServer(root / "core"), core)
+    with database() as db_url:
+        extra = server_args(db_url)
+        servers = [
+            BenchServer(root / ("core" if i == 0 else f"core-{i}"), extra)
+            for i in range(args.servers)
+        ]
+        core_result, ok = with_server(servers[0], core, servers[1:])
     result.update(core_result)
+    if args.ray_serve and "ray_address" in result["backend"]:
+        sizes: dict[str, int | float] = {
+            "warm-n": warm_n,
+            "duration": duration,
+            "clients": args.clients,
+            "cold-n": min(cold_n, 5),
+            "burst-n": burst_n or 100,
+        }
+        out_path = args.output.with_name(args.output.stem + "_ray_serve.json")
+        ray_serve = run_ray_serve(args.ray_serve, result["backend"]["ray_address"], out_path, sizes)
+        result["ray_serve"] = ray_serve
+        ok = ok and ray_serve.get("exit_code") == 0
 
     if not model:
         why = (
@@ -1108,15 +1623,16 @@ def main() -> int:
             log(f"embeddings, {name.replace('_', ' ')}")
             flag = "--templates" if templates else "--no-templates"
             try:
-                section, section_ok = with_server(
-                    BenchServer(root / name, [flag]),
-                    functools.partial(
-                        bench_model,
-                        templates=templates,
-                        cold_n=model_cold_n,
-                        workers=args.model_workers,
-                    ),
-                )
+                with database() as db_url:
+                    section, section_ok = with_server(
+                        BenchServer(root / name, [flag, *server_args(db_url)]),
+                        functools.partial(
+                            bench_model,
+                            templates=templates,
+                            cold_n=model_cold_n,
+                            workers=args.model_workers,
+                        ),
+                    )
             except Exception as exc:  # the rest of the results still count
                 log(f"embeddings, {name}: {exc!r}")
                 section, section_ok = {"error": repr(exc)}, False
@@ -1135,11 +1651,7 @@ def main() -> int:
                 ),
             }
         result["embeddings"] = emb
-    if ok:
-        shutil.rmtree(root, ignore_errors=True)
-
-    emit(result, args.output)
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

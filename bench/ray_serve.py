@@ -9,6 +9,10 @@ Progress goes to stderr. Ray is not a dependency of ember: run this from its own
     python3 -m venv .venv-ray && .venv-ray/bin/pip install 'ray[serve]' httpx
     .venv-ray/bin/python bench/ray_serve.py          # full: N=2000 warm, 10 s at 32 clients, ...
     .venv-ray/bin/python bench/ray_serve.py --quick  # a smoke check
+    .venv-ray/bin/python bench/ray_serve.py --ray-address 127.0.0.1:6379
+                                                     # on a running cluster (bench/core.py
+                                                     # --backend ray --ray-serve runs it so, on
+                                                     # the cluster ember ran on)
 
 Measured as bench/core.py measures ember, with the same light client (bench/loadgen.py): warm
 round trip (sequential POST of JSON on one keep-alive connection; httpx too, for reference),
@@ -154,11 +158,13 @@ def descendants(root: int) -> set[int]:
 
 
 def ray_processes(session_dir: str) -> set[int]:
-    """Processes of our Ray session, whether or not still below the driver."""
+    """Processes of our Ray session, whether or not still below the driver: those naming its
+    session dir, and theirs (on a cluster started by `ray start`, the raylet's workers)."""
     found = descendants(os.getpid())
     for entry in os.listdir("/proc"):
         if entry.isdigit() and session_dir and session_dir in cmdline(int(entry)):
             found.add(int(entry))
+            found |= descendants(int(entry))  # the raylet's workers, named ray::... by now
     return {p for p in found if pid_alive(p)}
 
 
@@ -174,6 +180,10 @@ def role(pid: int) -> str:
         if key in cmd:
             return name
     return "other_ray"
+
+
+SERVE_ROLES = ("replicas", "proxy", "controller")
+"""The processes Serve starts (on a cluster of someone else's, the only ones that must go)."""
 
 
 def started_at(pid: int) -> float:
@@ -361,13 +371,21 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="throughput run, seconds (default 10)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--cold-n", type=int, help="cold starts from zero (default 5)")
-    parser.add_argument("--burst-n", type=int, help="requests in the burst (default 500)")
+    parser.add_argument(
+        "--burst-n", type=int, help="requests in the burst, 0 for none (default 500)"
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="join this Ray cluster (HEAD:PORT) instead of starting one; Serve is shut down "
+        "after, the cluster left running. Its Python must have Ray Serve, as Serve's actors run "
+        "in it",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
     warm_n = args.warm_n or (200 if args.quick else 2000)
     duration = args.duration or (2.0 if args.quick else 10.0)
     cold_n = args.cold_n or (2 if args.quick else 5)
-    burst_n = args.burst_n or (100 if args.quick else 500)
+    burst_n = args.burst_n if args.burst_n is not None else (100 if args.quick else 500)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -376,7 +394,11 @@ def main() -> int:
         "command": " ".join(["python", "bench/ray_serve.py", *sys.argv[1:]]),
         "machine": versions(),
         "setup": {
-            "ray_init": "ray.init(num_cpus=2, include_dashboard=False)",
+            "ray_init": (
+                f"ray.init(address={args.ray_address!r}): a running cluster"
+                if args.ray_address
+                else "ray.init(num_cpus=2, include_dashboard=False)"
+            ),
             "http": f"Serve HTTP proxy on {url} (proxy_location=HeadOnly)",
             "noop": "1 replica, max_ongoing_requests=32, num_cpus=0, async def",
             "from_zero": FROM_ZERO,
@@ -386,7 +408,14 @@ def main() -> int:
     session_dir = ""
     try:
         t = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        if args.ray_address:
+            ray.init(address=args.ray_address, log_to_driver=False)
+            result["setup"]["cluster"] = {
+                "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+                "resources": ray.cluster_resources(),
+            }
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         session_dir = _session_dir()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(Noop.bind(), name="noop", route_prefix="/noop")
@@ -401,18 +430,25 @@ def main() -> int:
         result["throughput"] = bench_throughput(url, args.clients, duration, session_dir)
         log(f"cold start: {cold_n} calls from zero")
         result["cold_start"] = bench_cold(url, cold_n)
-        log(f"burst: {burst_n} requests at once, 0 -> at most 8 replicas")
-        result["burst"] = bench_burst(url, burst_n)
+        if burst_n > 0:
+            log(f"burst: {burst_n} requests at once, 0 -> at most 8 replicas")
+            result["burst"] = bench_burst(url, burst_n)
         ok = True
     finally:
         pids = ray_processes(session_dir) if session_dir else descendants(os.getpid())
+        if args.ray_address:  # the cluster is not ours: only Serve's processes must go
+            pids = {p for p in pids if role(p) in SERVE_ROLES}
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
         with contextlib.suppress(TimeoutError):
             wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "Ray's processes to exit")
-        left = sorted(p for p in pids | descendants(os.getpid()) if pid_alive(p))
+        if args.ray_address:
+            found = ray_processes(session_dir) if session_dir else set()
+            left = sorted(p for p in pids | found if pid_alive(p) and role(p) in SERVE_ROLES)
+        else:
+            left = sorted(p for p in pids | descendants(os.getpid()) if pid_alive(p))
         result["ray_processes_left_after_stop"] = [f"{p} {cmdline(p)[:120]}" for p in left]
         if left:
             ok = False

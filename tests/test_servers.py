@@ -41,8 +41,10 @@ app = ember.App("pair")
 @app.function()
 def echo(i: int, marks: str = "") -> dict:
     if marks:  # one line per run: how often each job ran, and where
+        from ember.worker.output import current_job
+
         with open(os.path.join(marks, str(i)), "a") as f:
-            f.write(f"{os.getpid()}\\n")
+            f.write(f"{os.getpid()}:{current_job.get()}\\n")
         time.sleep(0.002)
     return {"i": i, "pid": os.getpid()}
 
@@ -209,6 +211,30 @@ async def _submit_all(
     return ids
 
 
+def _rows_of(url: str, runs: dict[int, list[str]]) -> list[Any]:
+    """The rows of the jobs named in `runs` ("pid:job-id" each), to tell what ran twice."""
+    ids = sorted({r.split(":")[1] for rs in runs.values() for r in rs})
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = text(
+                "SELECT id, idempotency_key, owner, status, attempts, created_at FROM jobs "
+                "WHERE id = ANY(:ids)"
+            )
+            return [tuple(r) for r in conn.execute(query, {"ids": ids})]
+    finally:
+        engine.dispose()
+
+
+def _ids(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {r[0] for r in conn.execute(text("SELECT id FROM jobs"))}
+    finally:
+        engine.dispose()
+
+
 def _statuses(url: str) -> Counter[str]:
     engine = create_engine(url)
     try:
@@ -264,6 +290,7 @@ def test_kill_9_of_either_under_load_loses_no_job_and_leaves_none_stuck(
     wait_for(all_done, timeout=120, interval=0.5, what="every accepted job to end")
     counts = _statuses(pg_url)
     assert set(counts) == {"COMPLETED"} and counts["COMPLETED"] > n, counts  # and warm-ups
+    assert set(ids.values()) <= _ids(pg_url), "a 202 named a job the store does not have"
     for i, job_id in list(ids.items())[:: n // 20]:
         assert ok(alive.http("GET", f"/v1/jobs/{job_id}"))["output"]["i"] == i
 
@@ -271,13 +298,26 @@ def test_kill_9_of_either_under_load_loses_no_job_and_leaves_none_stuck(
     assert set(runs) == set(range(n)), "a job never ran"
     twice = {i: pids for i, pids in runs.items() if len(pids) > 1}
     if victim == "standby":
-        assert twice == {}  # the scheduler lived: every job ran once
+        rows = {r[0]: r for r in _rows_of(pg_url, twice)}
+        told = [
+            f"{i}: answered {ids[i][-6:]}; ran "
+            + ", ".join(
+                f"{r.split(':')[1][-6:]} (row {rows.get(r.split(':')[1], '-')})" for r in rs
+            )
+            for i, rs in twice.items()
+        ]
+        assert twice == {}, "\n".join(told)  # the scheduler lived: every job ran once
     else:
         # At least once: what the dead scheduler was running, or had run without its end
         # stored yet, ran again, once, on the new scheduler's workers; nothing else did.
         print(f"takeover {took:.2f} s (TTL {TTL} s); {len(twice)} of {n} jobs ran twice")
         assert len(twice) <= 64, twice
-        odd = {i: pids for i, pids in twice.items() if len(pids) != 2 or pids[0] == pids[1]}
+
+        def odd_runs(runs: list[str]) -> bool:  # "pid:job-id" each: one job, two processes
+            (pid1, job1), (pid2, job2) = (r.split(":") for r in runs)
+            return pid1 == pid2 or job1 != job2
+
+        odd = {i: runs for i, runs in twice.items() if len(runs) != 2 or odd_runs(runs)}
         assert odd == {}, odd
 
 

@@ -245,3 +245,25 @@ def test_a_store_out_of_reach_is_a_clear_error(tmp_path: Any) -> None:
         make_engine("mysql://nobody@127.0.0.1/nothing")
     # plain postgresql:// means psycopg 3, the driver ember ships with
     assert make_engine("postgresql://nobody@127.0.0.1/x").dialect.driver == "psycopg"
+
+
+def test_an_insert_under_a_used_idempotency_key_says_it_inserted_nothing(engine: Engine) -> None:
+    """What keeps two servers from both running one keyed job: the store's unique index, and an
+    insert that tells whether it inserted (psycopg's rowcount for ON CONFLICT is -1 either way)."""
+    from ember.control import job_rows
+
+    migrate(engine)
+    stmt = job_rows.insert_unless_keyed(engine)
+    row = {
+        **{"app": "a", "function": "f", "status": "IN_QUEUE", "input": "{}", "attempts": 0},
+        **{"created_at": time.time(), "workspace": "default", "policy": None, "token": None},
+        **{"tags": None, "idempotency_key": "k1", "request_digest": "d", "owner": None},
+    }
+    first, twin = (job_rows.InsertOnce(stmt, {**row, "id": i}) for i in ("job-1", "job-2"))
+    for op in (first, twin):
+        with engine.begin() as conn:
+            op(conn)
+    assert (first.inserted, twin.inserted) == (True, False)
+    with engine.connect() as conn:
+        ids = conn.execute(select(tables.jobs.c.id)).scalars().all()
+    assert ids == ["job-1"]

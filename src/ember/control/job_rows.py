@@ -42,7 +42,8 @@ _ENDED = [s.value for s in JobStatus if s.terminal]
 def insert_unless_keyed(engine: Engine) -> Any:
     """An INSERT of a job's row that does nothing when a row holds its Idempotency-Key."""
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(tables.jobs).on_conflict_do_nothing()
+    # RETURNING says whether it inserted: psycopg's rowcount for it is -1 either way.
+    return dialect.insert(tables.jobs).on_conflict_do_nothing().returning(tables.jobs.c.id)
 
 
 @dataclass(slots=True)
@@ -54,7 +55,7 @@ class InsertOnce:
     inserted: bool = False
 
     def __call__(self, conn: Connection) -> None:
-        self.inserted = bool(conn.execute(self.stmt, self.row).rowcount)
+        self.inserted = conn.execute(self.stmt, self.row).first() is not None
 
 
 def row(job: Job, owner: int | None = None) -> dict[str, Any]:

@@ -45,12 +45,12 @@ def echo(i: int, marks: str = "") -> dict:
 
         with open(os.path.join(marks, str(i)), "a") as f:
             f.write(f"{os.getpid()}:{current_job.get()}\\n")
-        time.sleep(0.002)
+        time.sleep(0.002)  # sleep-ok: the job's work, so that jobs are in flight at a kill
     return {"i": i, "pid": os.getpid()}
 
 @app.function()
 def slow(s: float) -> float:
-    time.sleep(s)
+    time.sleep(s)  # sleep-ok: the job's work, cancelled while it runs
     return s
 
 @app.function(secrets=["shared"])
@@ -211,38 +211,30 @@ async def _submit_all(
     return ids
 
 
+def _query(url: str, sql: str, **params: Any) -> list[Any]:
+    """Rows of `sql` on the store, read directly (what the servers wrote, not what they say)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+    finally:
+        engine.dispose()
+
+
 def _rows_of(url: str, runs: dict[int, list[str]]) -> list[Any]:
     """The rows of the jobs named in `runs` ("pid:job-id" each), to tell what ran twice."""
     ids = sorted({r.split(":")[1] for rs in runs.values() for r in rs})
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            query = text(
-                "SELECT id, idempotency_key, owner, status, attempts, created_at FROM jobs "
-                "WHERE id = ANY(:ids)"
-            )
-            return [tuple(r) for r in conn.execute(query, {"ids": ids})]
-    finally:
-        engine.dispose()
+    sql = "SELECT id, idempotency_key, owner, status, attempts, created_at FROM jobs"
+    return _query(url, sql + " WHERE id = ANY(:ids)", ids=ids)
 
 
 def _ids(url: str) -> set[str]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {r[0] for r in conn.execute(text("SELECT id FROM jobs"))}
-    finally:
-        engine.dispose()
+    return {r[0] for r in _query(url, "SELECT id FROM jobs")}
 
 
 def _statuses(url: str) -> Counter[str]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status")).all()
-        return Counter({status: n for status, n in rows})
-    finally:
-        engine.dispose()
+    rows = _query(url, "SELECT status, count(*) FROM jobs GROUP BY status")
+    return Counter({status: n for status, n in rows})
 
 
 @pytest.mark.parametrize("victim", ["scheduler", "standby"])

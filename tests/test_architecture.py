@@ -26,6 +26,7 @@ ROOMS = {
     "audit",
     "logs",
     "cluster",
+    "webhooks",
 }
 """The rooms of `ember.control`: each owns one kind of state and imports no other room."""
 SHARED = {"records", "errors", "settings"}

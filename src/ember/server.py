@@ -114,6 +114,8 @@ def _housekeeping() -> dict[str, Any]:
             out["template_memory"] = parse_size(raw)
         if raw := os.environ.get("EMBER_BUNDLE_LIMIT"):
             out["bundle_limit"] = parse_size(raw)
+        if raw := os.environ.get("EMBER_WEBHOOK_BACKOFF"):  # "1,5": the waits between attempts
+            out["webhook_backoff_s"] = tuple(parse_duration(p) for p in raw.split(","))
     except ValueError as exc:
         raise ServerConfigError(str(exc)) from None
     return out

@@ -4,6 +4,7 @@ and the audit trail's entry for what the request did."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -11,7 +12,10 @@ from fastapi import Request
 
 from ember.api.auth import Principal
 from ember.api.errors import ApiException
+from ember.api.schemas import MAX_OPTION_S
 from ember.control.plane import ControlPlane
+from ember.core.jobs import JobOptions
+from ember.core.runpod import RequestError, check_webhook
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -66,6 +70,55 @@ def input_of(raw: bytes) -> Any:
             'the body is {"input": {...keyword arguments...}}',
         )
     return body.get("input", {})
+
+
+_OPTIONS = frozenset({"input", "webhook", "ttl", "timeout"})
+
+
+def call_of_body(raw: bytes) -> tuple[Any, JobOptions | None]:
+    """The `input` of a call's body and its options (`webhook`, `ttl`, `timeout`; None when
+    it has none), or a 400 or 422 that says what is wrong with the body."""
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise ApiException(422, "invalid_input", 'the body must be a JSON object: {"input": {...}}')
+    if body.keys() <= {"input"}:
+        return body.get("input", {}), None
+    unknown = set(body) - _OPTIONS
+    if unknown:
+        raise ApiException(
+            422,
+            "invalid_input",
+            f"unexpected field {sorted(unknown)[0]!r}: the body is "
+            '{"input": {...keyword arguments...}}, with "webhook", "ttl" and "timeout" if wanted',
+        )
+    webhook = body.get("webhook")
+    if webhook is not None:
+        try:
+            webhook = check_webhook(webhook)
+        except RequestError as exc:
+            raise ApiException(422, "invalid_request", str(exc)) from None
+    ttl, timeout = _seconds(body, "ttl"), _seconds(body, "timeout")
+    if webhook is None and ttl is None and timeout is None:
+        return body.get("input", {}), None
+    return body.get("input", {}), JobOptions(webhook=webhook, ttl_s=ttl, timeout_s=timeout)
+
+
+def _seconds(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ApiException(
+            422, "invalid_request", f"{name} must be a number of seconds, got {str(value)[:50]!r}"
+        )
+    if not 0 < value <= MAX_OPTION_S:
+        raise ApiException(
+            422,
+            "invalid_request",
+            f"{name} must be more than 0 and at most {MAX_OPTION_S:g} seconds (7 days), "
+            f"got {value:g}",
+        )
+    return float(value)
 
 
 def audit(

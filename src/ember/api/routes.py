@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from ember.api import schemas
 from ember.api.auth import Principal, need_deploy, need_invoke, need_read
-from ember.api.bodies import audit, call_input, json_body, plane
+from ember.api.bodies import audit, call_of_body, json_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse, encode, encode_ascii
 from ember.control.errors import (
@@ -25,13 +25,14 @@ from ember.control.errors import (
     NotFoundError,
     PolicyDenied,
     QueueFullError,
+    RetryRefused,
     UnplaceableError,
 )
 from ember.control.manifest import DeployError
 from ember.control.plane import ControlPlane
 from ember.control.records import Job
 from ember.core.idempotency import key_problem
-from ember.core.jobs import JobStatus
+from ember.core.jobs import JobOptions, JobStatus
 
 router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
 RUNSYNC_WAIT = 60.0
@@ -92,7 +93,12 @@ def _not_found(exc: NotFoundError) -> ApiException:
 
 
 async def _submit(
-    request: Request, who: Principal, app: str, fn: str, input: Any
+    request: Request,
+    who: Principal,
+    app: str,
+    fn: str,
+    input: Any,
+    options: JobOptions | None = None,
 ) -> Job | dict[str, Any]:
     """The call's job: a new one, or under an Idempotency-Key the one the key names (a body,
     when it is stored only)."""
@@ -102,11 +108,11 @@ async def _submit(
     cp = plane(request)
     try:
         try:
-            return await _job_of_call(cp, who, app, fn, input, key)
+            return await _job_of_call(cp, who, app, fn, input, key, options)
         except NotFoundError:
             if not await cp.cluster.read_again():  # a standby: deployed elsewhere just now?
                 raise
-            return await _job_of_call(cp, who, app, fn, input, key)
+            return await _job_of_call(cp, who, app, fn, input, key, options)
     except IdempotencyConflict as exc:
         raise ApiException(409, "idempotency_conflict", str(exc)) from None
     except BudgetBlocked as exc:
@@ -138,12 +144,20 @@ async def _submit(
 
 
 async def _job_of_call(
-    cp: ControlPlane, who: Principal, app: str, fn: str, input: Any, key: str | None
+    cp: ControlPlane,
+    who: Principal,
+    app: str,
+    fn: str,
+    input: Any,
+    key: str | None,
+    options: JobOptions | None,
 ) -> Job | dict[str, Any]:
     if key is None:
-        return cp.submit(who.workspace, app, fn, input, policy=who.policy, token=who.token)
+        return cp.submit(
+            who.workspace, app, fn, input, policy=who.policy, token=who.token, options=options
+        )
     return await cp.submit_once(
-        who.workspace, app, fn, input, key, policy=who.policy, token=who.token
+        who.workspace, app, fn, input, key, policy=who.policy, token=who.token, options=options
     )
 
 
@@ -160,7 +174,7 @@ def _queue_full(exc: QueueFullError) -> ApiException:
 
 async def queue_job(request: Request, who: Principal, app: str, fn: str) -> Response:
     """POST .../run, once the caller is known (also served by `ember.api.invoke`)."""
-    job = await _submit(request, who, app, fn, await call_input(request))
+    job = await _submit(request, who, app, fn, *call_of_body(await request.body()))
     if isinstance(job, dict):  # a repeat of a job stored before
         return CallResponse({"id": job["id"], "status": job["status"]}, status_code=202)
     await plane(request).stored(job)
@@ -170,7 +184,7 @@ async def queue_job(request: Request, who: Principal, app: str, fn: str) -> Resp
 
 async def run_job(request: Request, who: Principal, app: str, fn: str, wait: float) -> Response:
     """POST .../runsync, once the caller is known (also served by `ember.api.invoke`)."""
-    job = await _submit(request, who, app, fn, await call_input(request))
+    job = await _submit(request, who, app, fn, *call_of_body(await request.body()))
     if isinstance(job, dict):  # a repeat of a job stored before: as it is now
         return CallResponse(job, 200 if JobStatus(job["status"]).terminal else 202)
     try:
@@ -259,6 +273,39 @@ async def cancel_job(
     plane(request).cancel(job)
     audit(request, who, "job.cancel", "ok", job_id, {"was": was})
     return JSONResponse(job.body())
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    response_model=schemas.JobBody,
+    responses={409: {"model": schemas.ErrorBody, "description": "queued, running or completed"}},
+)
+async def retry_job(
+    request: Request, job_id: str, who: Principal = Depends(need_invoke)
+) -> Response:
+    """Queue a job that ended FAILED, TIMED_OUT or CANCELLED again, under the same id."""
+    try:
+        job = await plane(request).retry(who.workspace, job_id)
+    except NotFoundError as exc:
+        raise _not_found(exc) from None
+    except RetryRefused as exc:
+        audit(request, who, "job.retry", "refused", job_id)
+        raise ApiException(409, "not_retryable", str(exc)) from None
+    audit(request, who, "job.retry", "ok", job_id)
+    return JSONResponse(job.body())
+
+
+@router.post("/apps/{app}/{fn}/purge-queue", response_model=schemas.Purged)
+async def purge_queue(
+    request: Request, app: str, fn: str, who: Principal = Depends(need_invoke)
+) -> Response:
+    """Cancel every queued job of the function; running ones run on."""
+    try:
+        removed = plane(request).purge(who.workspace, app, fn)
+    except NotFoundError as exc:
+        raise _not_found(exc) from None
+    audit(request, who, "queue.purge", "ok", f"{app}/{fn}", {"removed": removed})
+    return JSONResponse({"removed": removed})
 
 
 def _event(name: str, data: Any) -> bytes:

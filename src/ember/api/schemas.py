@@ -16,6 +16,8 @@ POLICY_NAME_PATTERN = f"^{NAME}$"
 ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 """Keys of a secret: environment variable names."""
 
+MAX_OPTION_S = 7 * 24 * 3600.0
+"""The most a call's `ttl` or `timeout` may be: a week."""
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
 
 
@@ -25,6 +27,25 @@ class RunRequest(BaseModel):
     input: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments of the function"
     )
+    webhook: str | None = Field(
+        None, description="an http(s) URL the server POSTs the job's body to once it ends"
+    )
+    ttl: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_OPTION_S,
+        description="seconds the job may wait in the queue; past them it ends TIMED_OUT unrun",
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_OPTION_S,
+        description="the job's own execution timeout in seconds, in place of its function's",
+    )
+
+
+class Purged(BaseModel):
+    removed: int = Field(description="queued jobs cancelled")
 
 
 class JobError(BaseModel):

@@ -63,10 +63,34 @@ class Dispatcher:
             and not pool.queue
             and not any(w.has_active_jobs() for w in pool.workers.values())
         )
-        pool.queue.append(job)
+        self.restore(pool, job)
         self.pump(pool)
         if quiet and pool.last_call_end is not None:  # recorded once the job is on its way
             pool.hist = pool.hist.record(max(0.0, job.created - pool.last_call_end))
+
+    def restore(self, pool: Pool, job: Job) -> None:
+        """A job joins the end of its pool's queue (a new one, or one recovered at start), its
+        ttl, if it has one, counting from its submission (wall clock: a restart keeps it)."""
+        pool.queue.append(job)
+        if job.options is not None and job.options.ttl_s is not None:
+            left = job.created_at + job.options.ttl_s - time.time()
+            job.timer = asyncio.get_running_loop().call_later(max(0.0, left), self._on_ttl, job)
+
+    def _on_ttl(self, job: Job) -> None:
+        if job.status is not JobStatus.IN_QUEUE or job.options is None:
+            return
+        ttl = job.options.ttl_s or 0.0
+        left = job.created_at + ttl - time.time()
+        if left > 0:  # the loop's clock runs apart from the wall clock: never end it early
+            job.timer = asyncio.get_running_loop().call_later(left, self._on_ttl, job)
+            return
+        pool = self.outside.home_of(job)
+        if pool is not None and job in pool.queue:
+            pool.queue.remove(job)
+        message = f"job waited in the queue past its ttl of {ttl:g} s; it never ran"
+        self.outside.finish(job, JobStatus.TIMED_OUT, error=job_error("TTLExpired", message))
+        if pool is not None:
+            self.outside.settled(pool)
 
     def pump(self, pool: Pool) -> None:
         """Hand queued jobs to ready workers with a free slot, warmest first."""
@@ -109,15 +133,17 @@ class Dispatcher:
                 raw={"input": job.input_json.encode()},
             )
         )
+        if job.timer is not None:  # its ttl: it runs in time
+            job.timer.cancel()
         job.timer = asyncio.get_running_loop().call_later(
-            w.pool.spec.timeout, self._on_timeout, job, w
+            _timeout(job, w), self._on_timeout, job, w
         )
         job.notify()
 
     def _on_timeout(self, job: Job, w: Worker) -> None:
         if job.status is not JobStatus.IN_PROGRESS or job.worker is not w:
             return
-        limit = w.pool.spec.timeout
+        limit = _timeout(job, w)
         # The loop's timer clock may run behind time.monotonic(): never end a job early.
         left = (job.dispatched or 0.0) + limit - time.monotonic()
         if left > 0:
@@ -166,6 +192,13 @@ class Dispatcher:
             job.outputs.append(msg["value"])
             job.notify()
 
+    def on_progress(self, w: Worker, msg: dict[str, Any]) -> None:
+        """RunPod's `progress_update`: the running job's latest progress, for status reads."""
+        job = w.running.get(msg["job"])
+        if job is not None and not job.status.terminal:
+            job.progress = msg.get("value")
+            job.notify()
+
     def _on_job_error(self, job: Job, error: dict[str, Any]) -> None:
         job.attempts += 1
         assert job.worker is not None
@@ -212,7 +245,7 @@ class Dispatcher:
             None,
             None,
         )
-        job.exec_ms = None
+        job.exec_ms = job.progress = None
         pool = self.outside.home_of(job)
         if pool is None:
             self.outside.finish(
@@ -250,3 +283,9 @@ class Dispatcher:
     def _kill_if_still_running(self, w: Worker, job_id: str) -> None:
         if job_id in w.running and w.state is not WorkerState.STOPPED:
             self.outside.kill(w, f"job {job_id} was cancelled and did not stop")
+
+
+def _timeout(job: Job, w: Worker) -> float:
+    """The job's own execution timeout, else its function's."""
+    o = job.options
+    return w.pool.spec.timeout if o is None or o.timeout_s is None else o.timeout_s

@@ -56,3 +56,7 @@ class QueueFullError(Exception):
 def job_error(type_: str, message: str) -> dict[str, Any]:
     """A job's `error` body for a failure the server itself decided (no user traceback)."""
     return {"type": type_, "message": message, "traceback": None}
+
+
+class RetryRefused(ConflictError):
+    """A job in a state a retry cannot queue again: queued, running or completed (HTTP 409)."""

@@ -8,14 +8,15 @@ job cost the event loop more than writing it). Reads run in a thread, never on t
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ember.control.records import Job
-from ember.core.jobs import JobStatus
+from ember.core.jobs import JobOptions, JobStatus
 from ember.core.quotas import PRUNE_BATCH
 from ember.store import tables
 
@@ -61,7 +62,7 @@ class InsertOnce:
 def row(job: Job, owner: int | None = None) -> dict[str, Any]:
     """A job's row as accepted: queued, no attempt yet, taken by the scheduler of epoch `owner`
     (None: by the one server, or by no scheduler yet when a standby accepted it)."""
-    return {
+    found = {
         "owner": owner,
         "id": job.id,
         "app": job.app,
@@ -77,6 +78,24 @@ def row(job: Job, owner: int | None = None) -> dict[str, Any]:
         "idempotency_key": job.idempotency_key,
         "request_digest": job.request_digest,
     }
+    if (o := job.options) is not None:  # a plain job's row leaves them out: NULL, not bound
+        found["webhook"], found["ttl_s"], found["timeout_s"] = o.webhook, o.ttl_s, o.timeout_s
+        found["retain_s"], found["via"] = o.retain_s, None if o.via == "v1" else o.via
+    return found
+
+
+def options_of(row: Any) -> JobOptions | None:
+    """The options a stored job was submitted with (None: a plain job)."""
+    named = (row["webhook"], row["ttl_s"], row["timeout_s"], row["retain_s"], row["via"])
+    if all(v is None for v in named):
+        return None
+    return JobOptions(*named[:4], via=row["via"] or "v1")
+
+
+def past_retention(finished_at: float | None, retain_s: float | None, now: float) -> bool:
+    """Whether an ended job with its own retention is gone (read as never there), though the
+    prune may not have deleted it yet; a job without one lives by the server's."""
+    return retain_s is not None and finished_at is not None and finished_at + retain_s < now
 
 
 def body_of(row: Any) -> dict[str, Any]:
@@ -105,7 +124,37 @@ def load_job(engine: Engine, job_id: str) -> dict[str, Any] | None:
         found = (
             conn.execute(select(tables.jobs).where(tables.jobs.c.id == job_id)).mappings().first()
         )
-    return None if found is None else body_of(found)
+    if found is None or past_retention(found["finished_at"], found["retain_s"], time.time()):
+        return None
+    return body_of(found)
+
+
+def load_row(engine: Engine, job_id: str) -> dict[str, Any] | None:
+    """A stored job's whole row (its input too), or None."""
+    with engine.connect() as conn:
+        found = (
+            conn.execute(select(tables.jobs).where(tables.jobs.c.id == job_id)).mappings().first()
+        )
+    return None if found is None else dict(found)
+
+
+REOPEN_JOB = (
+    update(tables.jobs)
+    .where(tables.jobs.c.id == bindparam("job_id"))
+    .values(
+        status=JobStatus.IN_QUEUE.value,
+        output=None,
+        error=None,
+        timings=None,
+        cost=None,
+        version=None,
+        finished_at=None,
+        attempts=0,
+        created_at=bindparam("created_at"),
+        owner=bindparam("owned_by"),
+    )
+)
+"""An ended job queued again under its id (a retry): as accepted anew, its options kept."""
 
 
 def load_keyed(engine: Engine, workspace: str, key: str) -> dict[str, Any] | None:
@@ -175,12 +224,18 @@ def queued_elsewhere(engine: Engine) -> dict[str, tuple[int, int]]:
     return {ws: (int(n), int(size or 0)) for ws, n, size in found}
 
 
-def prune_batch(conn: Connection, cutoff: float) -> int:
-    """Delete up to PRUNE_BATCH ended jobs that finished before `cutoff` (the writer's thread)."""
+def prune_batch(conn: Connection, cutoff: float, now: float | None = None) -> int:
+    """Delete up to PRUNE_BATCH ended jobs that finished before `cutoff`, or, those with a
+    retention of their own (`retain_s`), that long before `now` (the writer's thread)."""
     j = tables.jobs.c
+    now = time.time() if now is None else now
+    past = or_(
+        j.retain_s.is_(None) & (j.finished_at < cutoff),
+        j.retain_s.is_not(None) & (j.finished_at + j.retain_s < now),
+    )
     ids = (
         select(j.id)
-        .where(j.finished_at.is_not(None), j.finished_at < cutoff, j.status.in_(_ENDED))
+        .where(j.finished_at.is_not(None), past, j.status.in_(_ENDED))
         .limit(PRUNE_BATCH)
     )
     result = conn.execute(delete(tables.jobs).where(j.id.in_(ids.scalar_subquery())))

@@ -35,7 +35,7 @@ from ember.control.errors import (
 )
 from ember.control.records import FunctionMeta, Job
 from ember.core.idempotency import conflict_message, digest
-from ember.core.jobs import JobStatus
+from ember.core.jobs import JobOptions, JobStatus
 from ember.core.metering import job_cost
 from ember.core.pricing import PriceTable
 from ember.core.quotas import PRUNE_BATCH, Queued, Quotas, admit, duration_text, prune_every
@@ -98,6 +98,8 @@ class JobBook:
         """Accepted and not yet stored in its final state."""
         self.recent: OrderedDict[str, Job] = OrderedDict()
         self.counts: Counts = {}
+        self.retried: Counter[tuple[str, str, str]] = Counter()
+        """(workspace, app, function) -> jobs queued again by a retry, since this server began."""
         self._claims: dict[tuple[str, str], asyncio.Future[Job | dict[str, Any] | None]] = {}
         """(workspace, Idempotency-Key) -> the job it names, for the jobs accepted here under a
         key, from their row's INSERT until their final row is stored."""
@@ -158,6 +160,7 @@ class JobBook:
                 tags=json.loads(row["tags"]) if row["tags"] else {},
                 idempotency_key=row["idempotency_key"],
                 request_digest=row["request_digest"],
+                options=job_rows.options_of(row),
             )
             job.stored = stored
             self.jobs[job.id] = job
@@ -177,6 +180,7 @@ class JobBook:
         token: str | None,
         tags: dict[str, str],
         key: str | None = None,
+        options: JobOptions | None = None,
     ) -> Job:
         """A new job, in memory; `store` (or `once`, for a job under an Idempotency-Key) makes
         it durable. Raises QueueFullError, before anything exists of the job, when the
@@ -199,6 +203,7 @@ class JobBook:
             policy=policy,
             token=token,
             tags=tags,
+            options=options,
         )
         if key is not None:
             job.idempotency_key, job.request_digest = key, digest(app, meta.name, input_json)
@@ -291,6 +296,7 @@ class JobBook:
         job.done.set()
         job.notify()
         self._forget(job)
+        self.recent.pop(job.id, None)  # read from the store from now on: the scheduler may retry it
 
     def let_go(self, job: Job) -> None:
         """A standby keeps a stored job only while a caller here waits for it: the store has
@@ -432,6 +438,13 @@ class JobBook:
     async def get(self, workspace: str, job_id: str) -> Job | dict[str, Any]:
         """A job of the workspace: live from memory, or its stored body."""
         job = self.jobs.get(job_id) or self.recent.get(job_id)
+        o = None if job is None else job.options
+        if (
+            job is not None
+            and o is not None
+            and job_rows.past_retention(job.finished_at, o.retain_s, time.time())
+        ):
+            job = None  # ended, and kept as long as it asked: read as pruned
         if job is not None and job.workspace == workspace:
             return job
         row = (
@@ -473,25 +486,8 @@ class JobBook:
         deleted: list[int] = []  # each batch's count, appended in the writer's thread
         while True:
             await self.writer.submit(
-                lambda conn: deleted.append(job_rows.prune_batch(conn, cutoff))
+                lambda conn: deleted.append(job_rows.prune_batch(conn, cutoff, now))
             )
             if not deleted or deleted[-1] < PRUNE_BATCH:
                 return sum(deleted)
             await asyncio.sleep(0.01)  # let the writes queued behind this batch go first
-
-    def tally(self, workspace: str, app: str, fn: str) -> dict[str, int]:
-        """Jobs of one function by state: live ones counted in memory, ended ones since ever."""
-        counts = self.counts.get((workspace, app, fn), Counter())
-        live = [
-            j
-            for j in self.jobs.values()
-            if j.app == app and j.function == fn and j.workspace == workspace
-        ]
-        return {
-            "in_queue": sum(1 for j in live if j.status is JobStatus.IN_QUEUE),
-            "in_progress": sum(1 for j in live if j.status is JobStatus.IN_PROGRESS),
-            "completed": counts["COMPLETED"],
-            "failed": counts["FAILED"],
-            "cancelled": counts["CANCELLED"],
-            "timed_out": counts["TIMED_OUT"],
-        }

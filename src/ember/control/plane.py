@@ -40,22 +40,23 @@ from ember.control.cluster import Cluster, Roles
 from ember.control.deployments import Deployments
 from ember.control.dispatch import Dispatcher, Outside
 from ember.control.environments import Environments
-from ember.control.errors import UnplaceableError, job_error
 from ember.control.governance import Governance
+from ember.control.job_ops import JobOps
 from ember.control.jobs import JobBook
 from ember.control.logs import LogStore
 from ember.control.meter import Meter, end_orphans
-from ember.control.records import AppState, FunctionMeta, Job, Pool, Worker
+from ember.control.records import AppState, FunctionMeta, Pool, Worker
 from ember.control.rollups import summarize_usage
 from ember.control.scaling import Facts, Scaler
 from ember.control.secrets import SecretBook
 from ember.control.settings import Settings
 from ember.control.tokens import TokenBook
 from ember.control.vault import Vault
+from ember.control.webhooks import Webhooks
 from ember.control.workers import Events, Workers
 from ember.core.jobs import JobStatus
 from ember.core.metering import Phase, check_query
-from ember.core.placement import Never, Placed, place
+from ember.core.placement import Placed
 from ember.store.writer import Writer
 
 log = logging.getLogger("ember.control")
@@ -63,7 +64,9 @@ log = logging.getLogger("ember.control")
 TICK_S = 0.25
 
 
-class ControlPlane:
+class ControlPlane(JobOps):
+    """The server's state and loop; its job calls (submit, retry, purge, ...) are `JobOps`'s."""
+
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
@@ -89,6 +92,7 @@ class ControlPlane:
             settings.bundle_limit,
         )
         self.jobs = JobBook(engine, settings.prices, self._job_ended, settings.quotas)
+        self.webhooks = Webhooks(backoff_s=settings.webhook_backoff_s)
         self.cluster = Cluster(
             engine,
             settings,
@@ -193,6 +197,7 @@ class ControlPlane:
         await self.workers.stop_all(self.settings.drain_grace_s)
         await self.environments.close()
         await self.backend.close()
+        await self.webhooks.close()
         self.checkpoint()
         for task in list(self._tasks):
             task.cancel()
@@ -249,7 +254,7 @@ class ControlPlane:
         requeued = 0
         for job in self.jobs.recover(pending):
             if (pool := self._home(job)) is not None:
-                pool.queue.append(job)
+                self.dispatch.restore(pool, job)
                 requeued += 1
         if requeued:
             log.warning("requeued %d job(s) accepted before the last stop", requeued)
@@ -290,94 +295,6 @@ class ControlPlane:
         self, workspace: str, app: str, fn: str | None = None
     ) -> tuple[AppState, FunctionMeta | None]:
         return self.deployments.lookup(workspace, app, fn)
-
-    # ----------------------------------------------------------------- jobs
-    def submit(
-        self,
-        workspace: str,
-        app: str,
-        fn: str,
-        input: Any,
-        *,
-        policy: str | None = None,
-        token: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> Job:
-        """Accept a job (`stored` makes it durable); one under a key waits for `submit_once`.
-
-        Under a usage policy, the budget is checked here, before the job exists: once a `block`
-        policy has spent its budget, calls are refused and only jobs already admitted run on.
-        """
-        state, meta = self.deployments.lookup(workspace, app, fn)
-        assert meta is not None
-        meta.validate(input)
-        spec = meta.spec
-        rules = self.governance.rules(workspace, policy)
-        if rules is not None:
-            self.governance.admit(workspace, rules)
-        request = self.governance.gpu_request(spec, rules)
-        if request:
-            fit = place(request, spec.gpu_memory_mib, self.backend.inventory, ())
-            if isinstance(fit, Never):
-                raise UnplaceableError(fit.reason)
-        # The tags its worker's usage carries (`_start_worker`): the app's, the function's, the
-        # policy's, each over the one before.
-        tags = {**state.tags, **spec.tags, **(rules.tags if rules else {})}
-        job = self.jobs.accept(
-            workspace, app, meta, input, policy=policy, token=token, tags=tags, key=idempotency_key
-        )
-        if idempotency_key is None:
-            if self.cluster.leading:
-                self._enqueue(state.pool(meta.unit, policy), job)
-            else:
-                self.cluster.accepted(job)
-        return job
-
-    async def submit_once(
-        self, workspace: str, app: str, fn: str, input: Any, key: str, **kw: str | None
-    ) -> Job | dict[str, Any]:
-        """`submit` under an `Idempotency-Key`: a repeat gets the job the key names (live, or
-        its stored body), a new request under a used key an IdempotencyConflict. A new job runs
-        once its row holds the key, so that two servers on one store never both run it."""
-        return await self.jobs.once(
-            workspace,
-            key,
-            (app, fn, input),
-            lambda: self.submit(workspace, app, fn, input, idempotency_key=key, **kw),
-            self._claimed,
-        )
-
-    def _claimed(self, job: Job) -> None:
-        if not self.cluster.leading or (self.cluster.lease and job.owner is None):  # as stored
-            self.cluster.accepted(job)
-        elif (pool := self._home(job)) is not None:
-            self._enqueue(pool, job)
-
-    def _home(self, job: Job) -> Pool | None:
-        """The pool a job joins now; a job whose function is no longer deployed fails."""
-        pool = self.deployments.home_of(job)
-        if pool is None:
-            error = job_error("FunctionNotFound", f"{job.app}/{job.function} is no longer deployed")
-            self.jobs.finish(job, JobStatus.FAILED, error=error)
-        return pool
-
-    def _enqueue(self, pool: Pool, job: Job) -> None:
-        self.dispatch.enqueue(pool, job)
-        self._scale_soon(pool)
-
-    def stored(self, job: Job) -> asyncio.Future[None]:
-        """Make an accepted job durable: resolves once its row is in the store."""
-        return self.cluster.stored(job, self.jobs.store(job))
-
-    async def get_job(self, workspace: str, job_id: str) -> Job | dict[str, Any]:
-        return await self.cluster.get(workspace, job_id)
-
-    def cancel(self, job: Job) -> None:
-        self.dispatch.cancel(job, self.deployments.pool_of(job))
-
-    def _job_ended(self, job: Job) -> None:
-        if (pool := self.deployments.pool_of(job)) is not None:
-            pool.last_call_end = job.finished
 
     # ----------------------------------------------------------------- scaling
     def _settle(self, pool: Pool) -> None:
@@ -430,6 +347,10 @@ class ControlPlane:
             self.dispatch.on_result(w, msg)
         elif t == "output":
             self.dispatch.on_output(w, msg)
+        elif t == "progress":
+            self.dispatch.on_progress(w, msg)
+        elif t == "refresh":  # a RunPod handler's `refresh_worker`: no new job for this worker
+            self.workers.drain(w, reason="its RunPod handler asked for refresh_worker")
         elif t == "log":
             self.logs.worker_lines(w, msg["lines"])
 
@@ -493,8 +414,3 @@ class ControlPlane:
         await self.flush()
         query = (workspace, group_by, since, until, granularity, self.settings.prices)
         return await asyncio.to_thread(summarize_usage, self.engine, *query)
-
-    def health(self, workspace: str, app: str, fn: str) -> dict[str, Any]:
-        state, meta = self.deployments.lookup(workspace, app, fn)
-        assert meta is not None
-        return views.health(state, meta.unit, self.jobs.tally(workspace, app, fn))

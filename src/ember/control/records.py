@@ -17,7 +17,7 @@ from ember.backends.base import Runtime
 from ember.control.errors import InputError
 from ember.core.autoscaler import WorkerState, WorkerView
 from ember.core.budgets import pool_scaling
-from ember.core.jobs import JobStatus
+from ember.core.jobs import JobOptions, JobStatus
 from ember.core.metering import Phase
 from ember.core.prewarm import IdleHistogram
 from ember.core.pricing import Resources
@@ -138,6 +138,9 @@ class Job:
     status: JobStatus = JobStatus.IN_QUEUE
     output: Any = None
     outputs: list[Any] = field(default_factory=list)
+    progress: Any = None
+    """What its code last reported with RunPod's `progress_update` (cleared when requeued);
+    not in `body()`: the `/runpod/v2` status shows it as a running job's `output`."""
     error: dict[str, Any] | None = None
     attempts: int = 0
     version: int | None = None
@@ -155,11 +158,15 @@ class Job:
     reason: str | None = None
     """Why a queued job is still waiting (no GPU free), for people reading its status."""
     timer: asyncio.TimerHandle | None = None
+    """Its ttl while it is queued (a job with one), its timeout while it runs."""
     stored: asyncio.Future[None] | None = None
     """Its row's INSERT, once queued (`JobBook.store`); None while it lives in memory alone."""
     owner: int | None = None
     """The scheduler lease's epoch its row was written under (None: the one server's, or no
     scheduler's yet: a standby's, which the scheduler's intake takes; control/cluster.py)."""
+    options: JobOptions | None = None
+    """What its caller asked beyond its input (webhook, ttl, timeout, retention); None for a
+    plain job, the warm path's."""
     done: Done = field(default_factory=lambda: Done())
     _changed: asyncio.Event | None = field(default=None, repr=False)
 

@@ -49,3 +49,5 @@ class Settings:
     """Where other servers of a shared store reach this one (`--advertise-url`)."""
     lease_ttl_s: float = DEFAULT_TTL_S
     """How long the scheduler lease lasts unrenewed (EMBER_LEASE_TTL; control/lease.py)."""
+    webhook_backoff_s: tuple[float, ...] = (1.0, 5.0)
+    """The waits before a webhook's second and third attempts (EMBER_WEBHOOK_BACKOFF)."""

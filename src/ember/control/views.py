@@ -7,9 +7,10 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from ember.control.records import AppState, Worker
+from ember.control.records import AppState, Job, Worker
 from ember.control.settings import Settings
 from ember.core.isolation import refusal
+from ember.core.jobs import JobStatus
 from ember.core.placement import Gpu
 
 
@@ -115,4 +116,22 @@ def deployed(app: AppState, warnings: list[str]) -> dict[str, Any]:
         "bundle": app.bundle,
         "envs": app.describe()["envs"],
         "warnings": warnings,
+    }
+
+
+def tally(
+    counts: Counter[str], live: Iterable[Job], key: tuple[str, str, str], retried: int
+) -> dict[str, int]:
+    """Jobs of one function by state: live ones (those of `live` of function `key`) counted now,
+    ended ones (`counts`) since ever, and those queued again by a retry since the server began."""
+    ws, app, fn = key
+    mine = [j for j in live if j.app == app and j.function == fn and j.workspace == ws]
+    return {
+        "in_queue": sum(1 for j in mine if j.status is JobStatus.IN_QUEUE),
+        "in_progress": sum(1 for j in mine if j.status is JobStatus.IN_PROGRESS),
+        "completed": counts["COMPLETED"],
+        "failed": counts["FAILED"],
+        "cancelled": counts["CANCELLED"],
+        "timed_out": counts["TIMED_OUT"],
+        "retried": retried,
     }

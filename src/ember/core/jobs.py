@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -40,3 +41,21 @@ def startup_backoff(consecutive_failures: int) -> float:
     if consecutive_failures <= 0:
         return 0.0
     return float(min(30.0, 0.25 * 2 ** (consecutive_failures - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What a caller may ask of one job beyond its input (the native body's `webhook`, `ttl` and
+    `timeout`, RunPod's `webhook` and `policy`). None everywhere is a plain job: the warm path
+    passes no options at all."""
+
+    webhook: str | None = None
+    """An http(s) URL the server POSTs the job's body to once it ends (retried)."""
+    ttl_s: float | None = None
+    """A job still queued this long after it was submitted ends TIMED_OUT without running."""
+    timeout_s: float | None = None
+    """The job's own execution timeout, in place of its function's `timeout`."""
+    retain_s: float | None = None
+    """How long the ended job is kept (its status readable); None: the server's retention."""
+    via: str = "v1"
+    """The API it came through, which shapes its webhook's body: `v1` or `runpod`."""

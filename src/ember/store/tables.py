@@ -102,6 +102,12 @@ jobs = Table(
     Column("idempotency_key", String(255)),
     Column("request_digest", String(64)),
     Column("owner", BigInteger),
+    # a caller's options (migration 0008, core.jobs.JobOptions): NULL for a plain job
+    Column("webhook", Text),
+    Column("ttl_s", Float),
+    Column("timeout_s", Float),
+    Column("retain_s", Float),
+    Column("via", String(16)),
 )
 Index("ix_jobs_status", jobs.c.status)
 Index("ix_jobs_owner_status", jobs.c.owner, jobs.c.status)

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp
 
 from ember import __version__
-from ember.api import admin, environments, errors, tenancy
+from ember.api import admin, environments, errors, runpod, tenancy
 from ember.api.auth import Auth, Principal, ensure_token
 from ember.api.bodies import audit
 from ember.api.forward import Forward
@@ -94,6 +94,7 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     app.include_router(tenancy.router)
     app.include_router(admin.router)
     app.include_router(environments.router)
+    app.include_router(runpod.router)  # RunPod's client API, /runpod/v2
     # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request, but
     # a bundle upload, whose own limit is the bundle's (checked again as it is unpacked).
     bundle_max = max(max_payload, settings.bundle_limit + (1 << 20))

@@ -77,9 +77,13 @@ class Auth:
             )
         return who
 
-    def require(self, request: Request, scope: Scope) -> Principal:
+    def require(self, request: Request, scope: Scope, header: str | None = None) -> Principal:
+        """`header`: the Authorization header as read by the caller's API (RunPod's takes a bare
+        key too); the request's own by default."""
+        if header is None:
+            header = request.headers.get("authorization", "")
         try:
-            who = self.check(request.headers.get("authorization", ""), time.time())
+            who = self.check(header, time.time())
         except ApiException as exc:
             self.on_refused(request, "auth.failed", exc.message)
             raise

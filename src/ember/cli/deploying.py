@@ -21,20 +21,31 @@ LOG_TAIL = 40
 """Lines of a failed build's log printed under its error."""
 
 
-def run_deploy(file: Path, *, wait: bool) -> list[dict[str, Any]]:
+def run_deploy(
+    file: Path, *, wait: bool, runpod: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Deploy the apps of `file`, or (`runpod`: its settings) the RunPod handler it starts."""
     from ember.sdk.deploy import EnvBuildFailed, build_envs, deploy_plan, plan, upload
 
     http = api_client()
     results = []
     try:
-        for p in plan(file):
+        if runpod is None:
+            plans = plan(file)
+        else:
+            from ember.sdk.runpod_deploy import plan_runpod
+
+            plans = [plan_runpod(file, runpod)]
+        for p in plans:
             sent = upload(http, p.bundle)
             where = "uploaded" if sent else "unchanged, already on the server"
-            err.print(f"[dim]bundle {p.bundle.filename}: {p.bundle.describe()} ({where})[/dim]")
+            shown = p.bundle.filename if runpod is None else f"{file.name} + {p.bundle.filename}"
+            err.print(f"[dim]bundle {shown}: {p.bundle.describe()} ({where})[/dim]")
             env_ids = _build(http, p.envs, build_envs) if p.envs else {}
             t0 = time.perf_counter()
             r = deploy_plan(http, p, env_ids, wait=wait)
             r["import_s"] = time.perf_counter() - t0
+            r["runpod"] = runpod is not None
             results.append(r)
     except EnvBuildFailed as exc:
         if exc.log:
@@ -91,5 +102,10 @@ def report(results: list[dict[str, Any]], *, wait: bool) -> None:
             out.print(f"  [dim]{unit} runs in {env_id} (ember env show {env_id})[/dim]")
         for fn in r["functions"]:
             out.print(f"  ember call {r['app']}/{fn} --data '{{...}}'")
+        if r.get("runpod"):
+            out.print(
+                f"  RunPod endpoint id: {r['app']} (or {r['app']}~handler): "
+                f"POST /runpod/v2/{r['app']}/runsync"
+            )
         for warning in r.get("warnings", []):
             err.print(f"[yellow]warning:[/yellow] {escape(warning)}")

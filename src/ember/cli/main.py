@@ -13,8 +13,9 @@ import typer
 from rich.table import Table
 
 from ember import config
-from ember.cli import admin
+from ember.cli import admin, deploy_command
 from ember.cli.common import ago, api_client, epoch, err, fail, out, print_json, request
+from ember.cli.endpoints import endpoints
 from ember.cli.envs import env_app
 from ember.cli.serving import (
     AdvertiseOption,
@@ -24,6 +25,8 @@ from ember.cli.serving import (
     Durability,
     DurabilityOption,
     RayAddressOption,
+    RunpodRunRetentionOption,
+    RunpodRunsyncRetentionOption,
 )
 from ember.errors import EmberError
 
@@ -171,6 +174,8 @@ def server(
     max_app_log: Annotated[
         str, typer.Option(help="size of an app's log file; rotated, one previous file kept")
     ] = "64MiB",
+    runpod_run_retention: RunpodRunRetentionOption = "30m",
+    runpod_runsync_retention: RunpodRunsyncRetentionOption = "1m",
 ) -> None:
     """Run ember on this machine: the API, the store (SQLite in the data dir, or --db), and
     local worker processes.
@@ -187,6 +192,8 @@ def server(
             job_retention=job_retention,
             max_job_log=max_job_log,
             max_app_log=max_app_log,
+            runpod_run_retention=runpod_run_retention,
+            runpod_runsync_retention=runpod_runsync_retention,
         )
     except ValueError as exc:
         fail(exc)
@@ -217,27 +224,7 @@ def server(
         fail(exc)
 
 
-@app.command()
-def deploy(
-    file: Annotated[Path, typer.Argument(help="a Python file that defines an ember.App")],
-    no_wait: Annotated[
-        bool,
-        typer.Option(
-            "--no-wait", help="return once the version is stored, before its code is imported"
-        ),
-    ] = False,
-) -> None:
-    """Deploy the apps a Python file defines, as a new version of each.
-
-    Uploads the code of the package or directory the file lives in (less what .emberignore
-    excludes), builds each function's ember.Env on the server (once per content; a progress
-    line per Env), and returns once every function's code has imported there: an import error
-    fails the deploy with its traceback and the version before keeps serving. See
-    docs/environments.md.
-    """
-    from ember.cli.deploying import report, run_deploy
-
-    report(run_deploy(file, wait=not no_wait), wait=not no_wait)
+app.command(name="deploy")(deploy_command.deploy)  # and `deploy --runpod` (docs/runpod.md)
 
 
 @app.command()
@@ -476,6 +463,7 @@ def nodes() -> None:
 
 
 admin.register(app)  # workspace, token, policy, secret, audit, doctor
+app.command()(endpoints)
 app.add_typer(env_app)
 
 

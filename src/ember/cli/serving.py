@@ -73,3 +73,21 @@ RayAddressOption = Annotated[
         show_default=False,
     ),
 ]
+
+RunpodRunRetentionOption = Annotated[
+    str,
+    typer.Option(
+        envvar="EMBER_RUNPOD_RUN_RETENTION",
+        help="how long the result of a RunPod-API `run` stays readable (/runpod/v2; RunPod "
+        "keeps it 30 minutes), e.g. 30m, 2h or seconds",
+    ),
+]
+
+RunpodRunsyncRetentionOption = Annotated[
+    str,
+    typer.Option(
+        envvar="EMBER_RUNPOD_RUNSYNC_RETENTION",
+        help="how long the result of a RunPod-API `runsync` stays readable (RunPod keeps it "
+        "1 minute), e.g. 1m or seconds",
+    ),
+]

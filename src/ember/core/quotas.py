@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ember.core.runpod import RUN_RETENTION_S, RUNSYNC_RETENTION_S
+
 _T = TypeVar("_T")
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 DAY = 86_400.0
@@ -37,6 +39,10 @@ class Quotas:
     """Printed output kept per job (and per worker, for lines outside any job)."""
     max_app_log_bytes: int = 64 * MIB
     """Each of an app's two log files (the current one and the one before)."""
+    runpod_run_retention_s: float = RUN_RETENTION_S
+    """How long the result of a RunPod `run` (`/runpod/v2/.../run`) stays readable."""
+    runpod_runsync_retention_s: float = RUNSYNC_RETENTION_S
+    """How long the result of a RunPod `runsync` stays readable."""
 
     def describe(self) -> str:
         """One line for the server's start-up banner."""
@@ -44,7 +50,9 @@ class Quotas:
             f"limits per workspace: {self.max_queued_jobs:,} queued jobs, "
             f"{size_text(self.max_queued_bytes)} of queued inputs; finished jobs kept "
             f"{duration_text(self.job_retention_s)}; logs: {size_text(self.max_job_log_bytes)} "
-            f"per job, {size_text(self.max_app_log_bytes)} x 2 files per app"
+            f"per job, {size_text(self.max_app_log_bytes)} x 2 files per app; RunPod results "
+            f"kept {duration_text(self.runpod_run_retention_s)} (run), "
+            f"{duration_text(self.runpod_runsync_retention_s)} (runsync)"
         )
 
 
@@ -215,6 +223,8 @@ def from_flags(
     job_retention: str,
     max_job_log: str,
     max_app_log: str,
+    runpod_run_retention: str = "30m",
+    runpod_runsync_retention: str = "1m",
 ) -> Quotas:
     """The `ember server` flags as Quotas; ValueError names the flag and the forms it takes."""
 
@@ -232,4 +242,8 @@ def from_flags(
         job_retention_s=parse("job-retention", parse_duration, job_retention),
         max_job_log_bytes=parse("max-job-log", parse_size, max_job_log),
         max_app_log_bytes=parse("max-app-log", parse_size, max_app_log),
+        runpod_run_retention_s=parse("runpod-run-retention", parse_duration, runpod_run_retention),
+        runpod_runsync_retention_s=parse(
+            "runpod-runsync-retention", parse_duration, runpod_runsync_retention
+        ),
     )

@@ -93,6 +93,15 @@ def _import(path: Path, module: str) -> Any:
     return loaded
 
 
+def import_failed(path: Path, root: Path, exc: BaseException) -> InvalidSpec:
+    """The user's code failed at import: say where, without ember's frames."""
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).is_relative_to(root)
+    ]
+    where = f" ({Path(frames[-1].filename).name}, line {frames[-1].lineno})" if frames else ""
+    return InvalidSpec(f"importing {path} failed{where}: {type(exc).__name__}: {exc}")
+
+
 def load_apps(path: str | Path) -> tuple[list[App], str]:
     """Import `path` as the worker will (its package's root on sys.path, its dotted module name)
     and return the Apps it defines, with the file's source."""
@@ -107,18 +116,8 @@ def load_apps(path: str | Path) -> tuple[list[App], str]:
     with _IMPORT_LOCK, _importing(root):
         try:
             loaded = _import(path, module)
-        except Exception as exc:  # the user's code failed: say where, without ember's frames
-            frames = [
-                f
-                for f in traceback.extract_tb(exc.__traceback__)
-                if Path(f.filename).is_relative_to(root)
-            ]
-            where = (
-                f" ({Path(frames[-1].filename).name}, line {frames[-1].lineno})" if frames else ""
-            )
-            raise InvalidSpec(
-                f"importing {path} failed{where}: {type(exc).__name__}: {exc}"
-            ) from exc
+        except Exception as exc:
+            raise import_failed(path, root, exc) from exc
     apps = [v for v in vars(loaded).values() if isinstance(v, App)]
     if not apps:
         raise InvalidSpec(f'{path.name} defines no ember.App: add `app = ember.App("name")`')

@@ -18,6 +18,10 @@ from ember.worker import protocol
 current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_job", default=None
 )
+progress_sink: Callable[[str, Any], None] | None = None
+"""Set by a serving worker: sends (job id, progress) to the server (RunPod's `progress_update`)."""
+refresh_sink: Callable[[], None] | None = None
+"""Set by a serving worker: asks the server to stop it once its jobs end (`refresh_worker`)."""
 
 
 def error_body(exc: BaseException, redact: Redactor | None = None) -> dict[str, Any]:

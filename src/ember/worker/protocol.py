@@ -1,6 +1,7 @@
 """Frames between the control plane and its workers: a 4-byte length, then a JSON object.
 
-Worker -> server: hello, ready, fatal, log, output, result, bye.
+Worker -> server: hello, ready, fatal, log, output, result, bye; progress and refresh (a RunPod
+handler's `progress_update` and `refresh_worker`, `ember.sdk.runpod`).
 Server -> worker: run, cancel, drain.
 """
 

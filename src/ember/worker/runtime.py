@@ -28,10 +28,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from ember.worker import output as worker_output
 from ember.worker import protocol
 from ember.worker.loading import Loaded, load_unit, run_hooks
 from ember.worker.output import Capture, current_job, error_body, output_json, redactor_from_env
 from ember.worker.threads import LifoPool
+
+MAX_PROGRESS = 1 << 20
+"""The largest progress value a job may report, as JSON: a status, not an output."""
 
 
 class Cancelled(BaseException):
@@ -210,18 +214,33 @@ class Worker:
             with self.cancel_lock:
                 self.threads.pop(job_id, None)
 
-    def send_output(self, job_id: str, value: Any) -> None:
+    def _value_json(self, value: Any) -> bytes:
         try:
-            raw = output_json(value, self.redact)
+            return output_json(value, self.redact)
         except Exception:  # sent as its repr, or as its type where even repr fails
             try:
                 text = repr(value)
             except Exception:
                 text = f"<a {type(value).__name__} that is neither JSON nor repr()-able>"
             text = text if self.redact is None else self.redact.text(text)
-            raw = protocol._dumps(text).encode("utf-8", "replace")
+            return protocol._dumps(text).encode("utf-8", "replace")
+
+    def send_output(self, job_id: str, value: Any) -> None:
+        raw = self._value_json(value)
         self.flush_logs()
         self.send({"t": "output", "job": job_id}, raw={"value": raw})
+
+    def send_progress(self, job_id: str, value: Any) -> None:
+        """A job's progress (RunPod's `progress_update`), which its status reads show."""
+        raw = self._value_json(value)
+        if len(raw) > MAX_PROGRESS:
+            print(f"progress_update: {len(raw)} bytes of JSON, over {MAX_PROGRESS}: not sent")
+            return
+        self.send({"t": "progress", "job": job_id}, raw={"value": raw})
+
+    def request_refresh(self) -> None:
+        """RunPod's `refresh_worker`: the server drains this worker, so it takes no new job."""
+        self.send({"t": "refresh"})
 
     def finish(
         self, job_id: str, result: dict[str, Any], t0: float, raw: dict[str, bytes] | None = None
@@ -301,6 +320,10 @@ class Worker:
             else:
                 setattr(sys, name, Capture(name, self.log))
         self._flusher = asyncio.create_task(self._flush_logs_forever())
+        worker_output.progress_sink, worker_output.refresh_sink = (
+            self.send_progress,
+            self.request_refresh,
+        )
         try:
             if self.preloaded is None:  # a plain process: import, then every enter hook here
                 loaded = load_unit(self.bundle, self.app_name, self.unit_name)

@@ -42,7 +42,8 @@ class DemoServer(LocalServer):
         """Run `ember ARGS...` against this server and return what it printed."""
         done = subprocess.run(
             [sys.executable, "-m", "ember.cli.main", *args],
-            env={**self.env, "COLUMNS": str(console.width)},
+            # on a terminal, tables fit it; piped, they print whole (and so does this)
+            env={**self.env, "COLUMNS": str(console.width) if console.is_terminal else ""},
             capture_output=True,
             text=True,
             check=False,
@@ -98,7 +99,9 @@ def tour(server: DemoServer) -> None:
 
     console.rule("[bold]1. deploy examples/hello.py with the CLI")
     console.print(f"$ EMBER_URL={server.url} ember deploy examples/hello.py")
-    console.print(server.cli("deploy", str(HERE / "hello.py")).rstrip(), markup=False)
+    console.print(
+        server.cli("deploy", str(HERE / "hello.py")).rstrip(), markup=False, soft_wrap=True
+    )
 
     # The SDK finds the server through ember.configure (or EMBER_URL / EMBER_TOKEN).
     ember.configure(url=server.url, token=server.token)
@@ -157,7 +160,11 @@ def tour(server: DemoServer) -> None:
         f"{len(served)} workers served them ({', '.join(served)}; max_workers=4)"
     )
     console.print("$ ember logs hello/slow_square --tail 3   (worker output, with job ids)")
-    console.print(server.cli("logs", "hello/slow_square", "--tail", "3").rstrip(), markup=False)
+    console.print(
+        server.cli("logs", "hello/slow_square", "--tail", "3").rstrip(),
+        markup=False,
+        soft_wrap=True,
+    )
 
     console.rule("[bold]6. Counter().add: a class; @ember.enter runs once per worker")
     out, body, rtt = runsync(add, n=5)
@@ -180,7 +187,7 @@ def tour(server: DemoServer) -> None:
 
     console.rule("[bold]8. usage: every worker-second metered, by function")
     console.print("$ ember usage --by function")
-    console.print(server.cli("usage", "--by", "function").rstrip(), markup=False)
+    console.print(server.cli("usage", "--by", "function").rstrip(), markup=False, soft_wrap=True)
 
 
 def main() -> int:

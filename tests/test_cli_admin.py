@@ -361,7 +361,7 @@ def test_policy_create_list_show_delete(admin_server: Server) -> None:
     assert "--policy research" in out
 
     listed = ok(ember(admin_server, "policy", "list"))
-    assert "research" in listed and "0.00 / 50.00 USD per month" in listed
+    assert "research" in listed and " 0 / 50.00 USD per month" in listed
     assert "block" in listed
     shown = ok(ember(admin_server, "policy", "show", "research"))
     assert "https://hooks.example.com/ember" in shown

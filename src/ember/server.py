@@ -148,6 +148,16 @@ def _lease_ttl() -> float:
     return ttl
 
 
+def _metrics_port() -> int | None:
+    """`EMBER_METRICS_PORT`: also serve `GET /metrics`, no token, on 127.0.0.1 (docs/metrics.md)."""
+    raw = os.environ.get("EMBER_METRICS_PORT", "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 65536:
+        raise ServerConfigError(f"EMBER_METRICS_PORT={raw!r}: give a TCP port, 1 to 65535")
+    return int(raw)
+
+
 def serve(
     *,
     host: str,
@@ -170,6 +180,7 @@ def serve(
     backend: str = "local",
     ray_address: str | None = None,
     advertise_url: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -210,8 +221,11 @@ def serve(
     )
     isolation = describe_sandbox(sandbox, tenant_isolation)
     db_url = db_url or env_url()
+    metrics_port = metrics_port if metrics_port is not None else _metrics_port()
     try:
-        served = create_app(settings, max_payload=max_payload, db_url=db_url)
+        served = create_app(
+            settings, max_payload=max_payload, db_url=db_url, metrics_port=metrics_port
+        )
     except (StoreUnavailable, RayUnavailable, ValueError) as exc:
         raise ServerConfigError(str(exc)) from None
     config = uvicorn.Config(
@@ -240,6 +254,11 @@ def serve(
         for line in describe(settings.inventory, settings.prices):
             print(line, flush=True)
     print(limits.describe(), flush=True)
+    if metrics_port is not None:
+        print(
+            f"metrics: http://127.0.0.1:{metrics_port}/metrics, no token (--metrics-port)",
+            flush=True,
+        )
     print(
         f"billing: per {'second, rounded up per worker' if settings.prices.billing == 'second' else 'millisecond'}",
         flush=True,

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp
 
 from ember import __version__
-from ember.api import admin, environments, errors, runpod, tenancy
+from ember.api import admin, environments, errors, metrics, runpod, tenancy
 from ember.api.auth import Auth, Principal, ensure_token
 from ember.api.bodies import audit
 from ember.api.forward import Forward
@@ -44,9 +44,16 @@ class Served:
     direct: DirectCalls
 
 
-def create_app(settings: Settings, *, max_payload: int, db_url: str | None = None) -> Served:
+def create_app(
+    settings: Settings,
+    *,
+    max_payload: int,
+    db_url: str | None = None,
+    metrics_port: int | None = None,
+) -> Served:
     """`db_url`: the store (default: SQLite in the data dir); raises `StoreUnavailable` where it
-    cannot be opened or migrated."""
+    cannot be opened or migrated. `metrics_port`: also serve `GET /metrics`, without a token, on
+    127.0.0.1 at that port (docs/metrics.md)."""
     # Inputs, outputs and deployed code live here: readable by the server's user alone.
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.data_dir.chmod(0o700)
@@ -60,9 +67,14 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await cp.start()
+        listener = None
         try:
+            if metrics_port is not None:
+                listener = await metrics.listen(cp, metrics_port)
             yield
         finally:
+            if listener is not None:
+                listener.close()
             await cp.stop()
             await forward.aclose()
             engine.dispose()
@@ -95,6 +107,7 @@ def create_app(settings: Settings, *, max_payload: int, db_url: str | None = Non
     app.include_router(admin.router)
     app.include_router(environments.router)
     app.include_router(runpod.router)  # RunPod's client API, /runpod/v2
+    app.include_router(metrics.router)  # GET /metrics, for the operator (docs/metrics.md)
     # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request, but
     # a bundle upload, whose own limit is the bundle's (checked again as it is unpacked).
     bundle_max = max(max_payload, settings.bundle_limit + (1 << 20))

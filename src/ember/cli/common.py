@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -20,7 +22,24 @@ from rich.markup import escape
 
 from ember.errors import EmberError
 
-out = Console()
+PIPE_WIDTH = 100_000
+"""The width `out` renders at when stdout is not a terminal: wide enough that Rich never cuts a
+table cell with `…` or wraps a line, so `ember usage --by function | grep` sees whole names."""
+
+
+def _stdout_width() -> int | None:
+    """None (Rich's own guess: the terminal's width) on a terminal; else COLUMNS where the
+    caller set it (a program laying the output out itself), else PIPE_WIDTH."""
+    try:
+        if sys.stdout.isatty():
+            return None
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        pass
+    columns = os.environ.get("COLUMNS", "").strip()
+    return int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
+
+
+out = Console(width=_stdout_width())
 err = Console(stderr=True)
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -56,6 +75,19 @@ def request(method: str, path: str, **kw: Any) -> Any:
 
 def print_json(data: Any) -> None:
     out.print_json(json.dumps(data))
+
+
+def money(usd: Any) -> str:
+    """USD for a table: 2 decimals from 1 USD up, else enough decimals for 3 significant figures,
+    so a non-zero amount never prints as 0.000000; exactly zero is '0'."""
+    value = float(usd)
+    if value == 0 or not math.isfinite(value):
+        return "0" if value == 0 else str(value)
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    decimals = 2 - math.floor(math.log10(abs(value)))
+    text = f"{value:.{decimals}f}"
+    return f"{value:.2f}" if abs(float(text)) >= 1 else text
 
 
 def duration(value: str, option: str | None = None) -> float:

@@ -7,14 +7,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from ember import config
 from ember.cli import admin, deploy_command
-from ember.cli.common import ago, api_client, epoch, err, fail, out, print_json, request
+from ember.cli.common import (
+    api_client,
+    epoch,
+    err,
+    fail,
+    out,
+    print_json,
+    request,
+)
 from ember.cli.endpoints import endpoints
 from ember.cli.envs import env_app
 from ember.cli.serving import (
@@ -24,10 +32,12 @@ from ember.cli.serving import (
     DbOption,
     Durability,
     DurabilityOption,
+    MetricsPortOption,
     RayAddressOption,
     RunpodRunRetentionOption,
     RunpodRunsyncRetentionOption,
 )
+from ember.cli.usage import usage
 from ember.errors import EmberError
 
 app = typer.Typer(
@@ -176,6 +186,7 @@ def server(
     ] = "64MiB",
     runpod_run_retention: RunpodRunRetentionOption = "30m",
     runpod_runsync_retention: RunpodRunsyncRetentionOption = "1m",
+    metrics_port: MetricsPortOption = None,
 ) -> None:
     """Run ember on this machine: the API, the store (SQLite in the data dir, or --db), and
     local worker processes.
@@ -219,6 +230,7 @@ def server(
             max_connections=max_connections,
             header_timeout=header_timeout,
             quotas=quotas,
+            metrics_port=metrics_port,
         )
     except ServerConfigError as exc:
         fail(exc)
@@ -307,12 +319,17 @@ def cancel(job_id: Annotated[str, typer.Argument(help="the job to cancel")]) -> 
 
 
 @app.command()
-def apps() -> None:
+def apps(
+    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+) -> None:
     """List deployed apps, their current version and functions."""
     try:
         items = api_client().list_apps()
     except EmberError as exc:
         fail(exc)
+    if as_json:
+        print_json(items)
+        return
     if not items:
         out.print("no apps deployed yet: `ember deploy FILE`")
         return
@@ -369,81 +386,7 @@ def logs(
         return
 
 
-@app.command()
-def usage(
-    by: Annotated[
-        str,
-        typer.Option(
-            "--by", help="group by: app, function, gpu, phase, policy, or a tag name (team)"
-        ),
-    ] = "app",
-    since: Annotated[
-        str | None, typer.Option(help="'7d', '12h', '30m' ago, epoch seconds or ISO 8601")
-    ] = None,
-    until: Annotated[str | None, typer.Option(help="same forms as --since")] = None,
-    granularity: Annotated[str | None, typer.Option(help="hour or day: one row per bucket")] = None,
-    csv_: Annotated[bool, typer.Option("--csv", help="print CSV instead of a table")] = False,
-) -> None:
-    """What was spent, grouped: GPU and CPU seconds, cost, cold starts, and the idle fraction
-    (the share of GPU money spent on workers that waited for work)."""
-    groups = [
-        g
-        if g in ("app", "function", "gpu", "phase", "policy") or g.startswith("tag:")
-        else f"tag:{g}"
-        for g in (x.strip() for x in by.split(","))
-        if g
-    ]
-    params = {
-        "group_by": ",".join(groups),
-        "since": ago(since, "--since"),
-        "until": ago(until, "--until"),
-        "granularity": granularity,
-    }
-    rows = request("GET", "/usage", params={k: v for k, v in params.items() if v})["groups"]
-    names = [g[4:] if g.startswith("tag:") else g for g in groups]
-    columns = [
-        "gpu_seconds",
-        "cpu_seconds",
-        "cost_usd",
-        "cold_starts",
-        "busy_seconds",
-        "idle_seconds",
-        "idle_fraction",
-    ]
-    titles = ["GPU s", "CPU s", "USD", "cold starts", "busy s", "idle s", "idle %"]
-    header = (["start"] if granularity else []) + names + (columns if csv_ else titles)
-
-    def cells(row: dict[str, Any]) -> list[str]:
-        start = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["start"]))] if granularity else []
-        keys = [str(row["key"].get(g, "")) or "-" for g in groups]
-        return (
-            start
-            + keys
-            + [
-                f"{row['gpu_seconds']:.3f}",
-                f"{row['cpu_seconds']:.3f}",
-                f"{row['cost_usd']:.6f}",
-                str(row["cold_starts"]),
-                f"{row['busy_seconds']:.3f}",
-                f"{row['idle_seconds']:.3f}",
-                f"{row['idle_fraction']:.1%}" if not csv_ else f"{row['idle_fraction']:.6f}",
-            ]
-        )
-
-    if csv_:
-        import csv
-
-        writer = csv.writer(sys.stdout)
-        writer.writerow(header)
-        writer.writerows(cells(r) for r in rows)
-        return
-    if not rows:
-        out.print("no usage in that period")
-        return
-    table = Table(*header)
-    for r in rows:
-        table.add_row(*cells(r))
-    out.print(table)
+app.command()(usage)
 
 
 @app.command()

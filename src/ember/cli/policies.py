@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ember.cli.common import out, parse_pairs, request, when
+from ember.cli.common import money, out, parse_pairs, print_json, request, when
 
 Action = Literal["alert", "block"]
 
@@ -101,8 +101,8 @@ def _budget_cell(p: dict[str, Any]) -> str:
     if p.get("budget_usd") is None:
         return "-"
     spent = p.get("spent_usd")
-    head = f"{float(spent):.2f} / " if spent is not None else ""
-    return f"{head}{float(p['budget_usd']):.2f} USD per {p.get('period') or 'month'}"
+    head = f"{money(spent)} / " if spent is not None else ""
+    return f"{head}{money(p['budget_usd'])} USD per {p.get('period') or 'month'}"
 
 
 def _limits_cell(p: dict[str, Any]) -> str:
@@ -138,16 +138,23 @@ def _print_policy(p: dict[str, Any]) -> None:
 
 
 @policy_app.command("list")
-def policy_list() -> None:
+def policy_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+) -> None:
     """List policies with what each has spent this period, when it resets, and whether it blocks.
 
     Example:
 
         ember policy list
 
+        ember policy list --json
+
     See docs/security.md.
     """
     items = request("GET", "/policies")["policies"]
+    if as_json:
+        print_json(items)
+        return
     if not items:
         out.print("no policies yet: `ember policy create NAME --budget 50USD/month`")
         return

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ember.cli.common import err, out, parse_pairs, request, when
+from ember.cli.common import err, out, parse_pairs, print_json, request, when
 
 secret_app = typer.Typer(
     name="secret",
@@ -79,7 +79,9 @@ def secret_set(
 
 
 @secret_app.command("list")
-def secret_list() -> None:
+def secret_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+) -> None:
     """List secrets: names, key names and the functions that use them (values never leave the
     server).
 
@@ -90,6 +92,9 @@ def secret_list() -> None:
     See docs/security.md.
     """
     items = request("GET", "/secrets")["secrets"]
+    if as_json:
+        print_json(items)
+        return
     if not items:
         out.print("no secrets yet: `ember secret set NAME KEY=VALUE`")
         return

@@ -91,3 +91,16 @@ RunpodRunsyncRetentionOption = Annotated[
         "1 minute), e.g. 1m or seconds",
     ),
 ]
+
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=1,
+        max=65535,
+        help="also serve GET /metrics (Prometheus) without a token on 127.0.0.1:PORT only; on "
+        "the main port it needs the operator's admin token (docs/metrics.md) "
+        "[default: $EMBER_METRICS_PORT, else none]",
+        show_default=False,
+    ),
+]

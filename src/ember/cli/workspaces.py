@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ember.cli.common import duration, err, out, request, when
+from ember.cli.common import duration, err, out, print_json, request, when
 
 Scope = Literal["admin", "deploy", "invoke", "read"]
 
@@ -61,7 +61,9 @@ def workspace_create(
 
 
 @workspace_app.command("list")
-def workspace_list() -> None:
+def workspace_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+) -> None:
     """List workspaces: all of them for the server operator, your own for everyone else.
 
     Example:
@@ -71,6 +73,9 @@ def workspace_list() -> None:
     See docs/security.md.
     """
     items = request("GET", "/workspaces")["workspaces"]
+    if as_json:
+        print_json(items)
+        return
     table = Table("workspace", "created")
     for w in items:
         table.add_row(w["name"], when(w.get("created_at")))
@@ -141,7 +146,9 @@ def token_create(
 
 
 @token_app.command("list")
-def token_list() -> None:
+def token_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+) -> None:
     """List your workspace's tokens (never their values).
 
     Example:
@@ -151,6 +158,9 @@ def token_list() -> None:
     See docs/security.md.
     """
     items = request("GET", "/tokens")["tokens"]
+    if as_json:
+        print_json(items)
+        return
     table = Table("name", "scope", "policy", "created", "expires", "revoked")
     for t in items:
         table.add_row(

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from conftest import Server, result, spawn, wait_for, worker_pids
+from ember.cli.common import money
 
 H100, L4 = 0.001097, 0.000222
 CPU, MEM = 0.0000131, 0.00000222
@@ -545,7 +546,7 @@ def test_ember_usage_cli_prints_a_table_and_csv(make_server: Callable[..., Serve
     lines = table.stdout.splitlines()
     for team, g in api.items():
         [line] = [ln for ln in lines if f" {team} " in ln]
-        assert f"{g['cost_usd']:.6f}" in line and f"{g['gpu_seconds']:.3f}" in line, line
+        assert f" {money(g['cost_usd'])} " in line and f"{g['gpu_seconds']:.3f}" in line, line
 
     got = cli(server, "usage", "--by", "team", "--since", "7d", "--csv")
     assert got.returncode == 0, got.stderr
@@ -555,7 +556,7 @@ def test_ember_usage_cli_prints_a_table_and_csv(make_server: Callable[..., Serve
     parsed = {row[0]: dict(zip(header, row, strict=True)) for row in body}
     assert set(parsed) == set(api)
     for team, g in api.items():
-        assert float(parsed[team]["cost_usd"]) == round(g["cost_usd"], 6)
+        assert float(parsed[team]["cost_usd"]) == round(g["cost_usd"], 9)  # as the API has it
         assert int(parsed[team]["cold_starts"]) == g["cold_starts"]
         assert math.isclose(float(parsed[team]["idle_fraction"]), g["idle_fraction"], abs_tol=1e-6)
 

@@ -34,14 +34,6 @@ from ember.api.auth import Auth
 from ember.api.auth import Scope as TokenScope
 from ember.api.connections import Reply
 from ember.api.errors import ApiException, internal_error, render
-from ember.control.errors import (
-    BudgetBlocked,
-    InputError,
-    NotFoundError,
-    PolicyDenied,
-    QueueFullError,
-    UnplaceableError,
-)
 from ember.control.plane import ControlPlane
 from ember.control.records import Job
 
@@ -115,16 +107,7 @@ class Invoke:
         await response(scope, receive, send)
 
 
-_REFUSED = (
-    ApiException,
-    BudgetBlocked,
-    PolicyDenied,
-    NotFoundError,
-    InputError,
-    UnplaceableError,
-    QueueFullError,
-    RecursionError,
-)
+_REFUSED = (ApiException, *routes.REFUSALS)
 """What a call can be refused with before its job exists: the ASGI path answers those."""
 
 

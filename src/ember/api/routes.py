@@ -113,34 +113,45 @@ async def _submit(
             if not await cp.cluster.read_again():  # a standby: deployed elsewhere just now?
                 raise
             return await _job_of_call(cp, who, app, fn, input, key, options)
-    except IdempotencyConflict as exc:
-        raise ApiException(409, "idempotency_conflict", str(exc)) from None
-    except BudgetBlocked as exc:
+    except REFUSALS as exc:
+        raise refusal(request, who, f"{app}/{fn}", exc) from None
+
+
+REFUSALS = (
+    IdempotencyConflict,
+    BudgetBlocked,
+    PolicyDenied,
+    NotFoundError,
+    InputError,
+    UnplaceableError,
+    QueueFullError,
+    RecursionError,
+)
+"""What a call can be refused with before its job exists."""
+
+
+def refusal(request: Request, who: Principal, where: str, exc: Exception) -> ApiException:
+    """The answer to a call refused before its job exists (`where`: APP/FN), for every API
+    that submits jobs; a budget's or a policy's refusal is audited."""
+    if isinstance(exc, IdempotencyConflict):
+        return ApiException(409, "idempotency_conflict", str(exc))
+    if isinstance(exc, BudgetBlocked):
         b = exc.blocked
-        audit(request, who, "budget.block", "refused", f"{app}/{fn}", {"policy": who.policy})
-        raise ApiException(
-            402,
-            "budget_exceeded",
-            b.message,
-            {
-                "budget_usd": b.budget_usd,
-                "spent_usd": round(b.spent_usd, 6),
-                "reset_at": b.reset_at,
-            },
-        ) from None
-    except PolicyDenied as exc:
-        audit(request, who, "policy.deny", "refused", f"{app}/{fn}", {"policy": who.policy})
-        raise ApiException(403, "policy_denied", str(exc)) from None
-    except NotFoundError as exc:
-        raise _not_found(exc) from None
-    except InputError as exc:
-        raise ApiException(422, "invalid_input", str(exc)) from None
-    except UnplaceableError as exc:
-        raise ApiException(422, "no_fitting_gpu", str(exc)) from None
-    except QueueFullError as exc:
-        raise _queue_full(exc) from None
-    except RecursionError:
-        raise ApiException(422, "invalid_input", "input is nested too deeply") from None
+        audit(request, who, "budget.block", "refused", where, {"policy": who.policy})
+        extra = {"budget_usd": b.budget_usd, "spent_usd": round(b.spent_usd, 6)}
+        return ApiException(402, "budget_exceeded", b.message, {**extra, "reset_at": b.reset_at})
+    if isinstance(exc, PolicyDenied):
+        audit(request, who, "policy.deny", "refused", where, {"policy": who.policy})
+        return ApiException(403, "policy_denied", str(exc))
+    if isinstance(exc, NotFoundError):
+        return _not_found(exc)
+    if isinstance(exc, InputError):
+        return ApiException(422, "invalid_input", str(exc))
+    if isinstance(exc, UnplaceableError):
+        return ApiException(422, "no_fitting_gpu", str(exc))
+    if isinstance(exc, QueueFullError):
+        return _queue_full(exc)
+    return ApiException(422, "invalid_input", "input is nested too deeply")  # RecursionError
 
 
 async def _job_of_call(

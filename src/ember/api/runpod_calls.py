@@ -19,16 +19,12 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from ember.api.auth import Auth, Principal, Scope
-from ember.api.bodies import audit, parse_json, plane
+from ember.api.bodies import parse_json, plane
 from ember.api.errors import ApiException, internal_error
 from ember.api.responses import JSONResponse
+from ember.api.routes import REFUSALS, refusal
 from ember.control.errors import (
-    BudgetBlocked,
-    InputError,
     NotFoundError,
-    PolicyDenied,
-    QueueFullError,
-    UnplaceableError,
 )
 from ember.control.records import FunctionMeta, Job
 from ember.core import runpod as rp
@@ -113,11 +109,10 @@ async def request_of(request: Request, runsync: bool) -> rp.Request:
 
 
 def submit(request: Request, who: Principal, to: Target, req: rp.Request) -> Job:
-    """A new job of the endpoint's function, or the refusal RunPod's client should see."""
-    cp = plane(request)
-    where = f"{to.app}/{to.fn}"
+    """A new job of the endpoint's function, or the refusal the native API would answer (in
+    RunPod's shape, by `runpod_errors`)."""
     try:
-        return cp.submit(
+        return plane(request).submit(
             who.workspace,
             to.app,
             to.fn,
@@ -126,27 +121,8 @@ def submit(request: Request, who: Principal, to: Target, req: rp.Request) -> Job
             token=who.token,
             options=req.options,
         )
-    except BudgetBlocked as exc:
-        audit(request, who, "budget.block", "refused", where, {"policy": who.policy})
-        raise ApiException(402, "budget_exceeded", exc.blocked.message) from None
-    except PolicyDenied as exc:
-        audit(request, who, "policy.deny", "refused", where, {"policy": who.policy})
-        raise ApiException(403, "policy_denied", str(exc)) from None
-    except NotFoundError as exc:
-        raise ApiException(404, exc.code, exc.message) from None
-    except InputError as exc:
-        raise ApiException(422, "invalid_input", f"input not accepted: {exc}") from None
-    except UnplaceableError as exc:
-        raise ApiException(422, "no_fitting_gpu", str(exc)) from None
-    except QueueFullError as exc:
-        full = exc.full
-        if full.never:
-            raise ApiException(413, "payload_too_large", full.message) from None
-        refused = ApiException(429, "queue_full", full.message)
-        refused.headers = {"Retry-After": str(full.retry_after_s)}
-        raise refused from None
-    except RecursionError:
-        raise ApiException(422, "invalid_input", "input is nested too deeply") from None
+    except REFUSALS as exc:
+        raise refusal(request, who, f"{to.app}/{to.fn}", exc) from None
 
 
 async def job_of(request: Request, who: Principal, to: Target, job_id: str) -> Job | dict[str, Any]:
@@ -165,10 +141,9 @@ async def job_of(request: Request, who: Principal, to: Target, job_id: str) -> J
 
 def status_of(job: Job | dict[str, Any]) -> dict[str, Any]:
     """RunPod's status body of a job: its progress as `output` while it runs (when its handler
-    reported one), its worker's id."""
+    reported one), its worker's id (a stored job's is not kept)."""
     if isinstance(job, dict):
-        worker = job.get("worker_id") or job.get("worker")
-        return rp.status_body(job, worker if isinstance(worker, str) else None)
+        return rp.status_body(job)
     body = job.body()
     progress = getattr(job, "progress", None)
     if progress is not None:

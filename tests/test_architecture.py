@@ -27,6 +27,7 @@ ROOMS = {
     "logs",
     "cluster",
     "webhooks",
+    "series",
 }
 """The rooms of `ember.control`: each owns one kind of state and imports no other room."""
 SHARED = {"records", "errors", "settings"}

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server, free_port
+from conftest import Server, free_port, wait_for
 from ember.api.metrics import OTHER, capped
 from test_workspaces import create_token, create_workspace
 
@@ -78,6 +78,14 @@ def test_metrics_count_jobs_workers_queues_and_usage(server: Server) -> None:
         assert one(samples, "ember_job_duration_seconds_bucket", term=term, le="+Inf") == 4
     assert one(samples, "ember_job_duration_seconds_sum", term="total") > 0
 
+    # Usage is read as stored at the last checkpoint (once a second), not flushed by a scrape.
+    key = ("ember_cold_starts_total", frozenset({**fn, "function": "square"}.items()))
+
+    def metered() -> tuple[Samples, dict[str, str]] | None:
+        found = scrape(server)
+        return found if key in found[0] else None
+
+    samples, types = wait_for(metered, timeout=10, what="the usage of the first checkpoint")
     assert types["ember_cost_usd"] == "counter"
     assert one(samples, "ember_cold_starts_total", **fn, function="square") >= 1
     assert one(samples, "ember_cost_usd_total", **fn, function="square") >= 0

@@ -131,7 +131,7 @@ def test_a_0002_data_dir_is_upgraded_into_the_default_workspace(
 ) -> None:
     server, token, jobs = upgraded
     assert server.token == token  # the token file was kept, not rotated
-    assert rows(server, "SELECT version_num FROM alembic_version") == [("0008",)]
+    assert rows(server, "SELECT version_num FROM alembic_version") == [("0009",)]
     assert rows(server, "SELECT name FROM workspaces") == [("default",)]
     assert rows(server, "SELECT workspace, name, current_version FROM apps") == [
         ("default", "legacy", 1)
@@ -189,7 +189,7 @@ def test_the_old_token_is_the_operators_admin_token(
     server.restart()
     assert server.token == token
     assert server.http("GET", "/v1/tokens", token=token).status_code == 200
-    assert rows(server, "SELECT version_num FROM alembic_version") == [("0008",)]
+    assert rows(server, "SELECT version_num FROM alembic_version") == [("0009",)]
     assert server.client.runsync("legacy", "square", {"x": 4})["output"] == 16
 
     # deleting the token file still rotates it: the old one stops working

@@ -402,7 +402,7 @@ def test_a_0003_data_dir_with_usage_and_audit_rows_is_upgraded(tmp_path: Path) -
     try:
         server.start(timeout=60)
         assert db_rows(server, "SELECT version_num FROM alembic_version") == [
-            {"version_num": "0008"}
+            {"version_num": "0009"}
         ]
         rollup_matches_records(server)
         answers_equal_raw(server)

@@ -17,10 +17,10 @@ from fastapi.responses import Response
 
 from ember.api import schemas
 from ember.api.auth import Principal, Scope, need_admin, need_deploy, need_read
-from ember.api.bodies import audit, json_body, plane
+from ember.api.bodies import audit, json_body, openapi_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse
-from ember.api.routes import _body, _time
+from ember.api.routes import _time
 from ember.api.tenancy import _object
 from ember.config import TOKEN_FILE
 from ember.control.errors import ConflictError, NotFoundError
@@ -36,7 +36,7 @@ router = APIRouter(prefix="/v1", responses=schemas.ERRORS)
     "/policies",
     status_code=201,
     response_model=schemas.PolicyStatus,
-    openapi_extra=_body(schemas.PolicyRequest),
+    openapi_extra=openapi_body(schemas.PolicyRequest),
 )
 async def create_policy(request: Request, who: Principal = Depends(need_admin)) -> Response:
     """A usage policy: tags for the usage of its tokens' calls, a budget, GPU limits."""
@@ -123,7 +123,7 @@ def _secret_item(cp: Any, workspace: str, name: str, row: Any) -> dict[str, Any]
 @router.put(
     "/secrets/{name}",
     response_model=schemas.SecretInfo,
-    openapi_extra=_body(schemas.SecretRequest),
+    openapi_extra=openapi_body(schemas.SecretRequest),
 )
 async def set_secret(request: Request, name: str, who: Principal = Depends(need_admin)) -> Response:
     """Create or replace a secret; stored encrypted, its values never come back."""

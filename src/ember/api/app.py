@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp
 
 from ember import __version__
-from ember.api import admin, environments, errors, metrics, runpod, tenancy
+from ember.api import admin, browse, environments, errors, metrics, runpod, tenancy
 from ember.api.auth import Auth, Principal, ensure_token
 from ember.api.bodies import audit
 from ember.api.forward import Forward
@@ -103,6 +103,7 @@ def create_app(
     errors.install(app)
     app.include_router(public)
     app.include_router(router)
+    app.include_router(browse.router)  # what the dashboard browses: series, job pages
     app.include_router(tenancy.router)
     app.include_router(admin.router)
     app.include_router(environments.router)

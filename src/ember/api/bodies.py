@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from ember.api.auth import Principal
 from ember.api.errors import ApiException
@@ -138,3 +139,38 @@ def audit(
         detail=detail,
         ip=request.client.host if request.client else None,
     )
+
+
+_BAD_JSON: dict[str, Any] = {
+    "description": "a request body that is not JSON, or not UTF-8",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+}
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """Document a JSON body that the handler parses itself (for its own 400/422 messages); it
+    may be left out when none of its fields is required."""
+    schema = model.model_json_schema()
+    schema = _inline(schema, schema.get("$defs", {}))
+    return {
+        "requestBody": {
+            "required": bool(schema.get("required")),
+            "content": {"application/json": {"schema": schema}},
+        },
+        "responses": {"400": _BAD_JSON},
+    }
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """The schema with its `#/$defs/...` references replaced by what they name: inside an
+    OpenAPI document such a reference points at the document's root, where nothing is, and
+    ReDoc refuses the whole document."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            named = _inline(defs[ref.removeprefix("#/$defs/")], defs)
+            return {**named, **{k: v for k, v in node.items() if k != "$ref"}}
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node

@@ -17,10 +17,9 @@ from fastapi.responses import PlainTextResponse, Response
 
 from ember.api import schemas
 from ember.api.auth import Principal, need_deploy, need_read
-from ember.api.bodies import audit, json_body, plane
+from ember.api.bodies import audit, json_body, openapi_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse
-from ember.api.routes import _body
 from ember.control import views
 from ember.control.environments import EnvError
 from ember.envs.bundle import BundleError
@@ -68,7 +67,7 @@ async def put_bundle(
 @router.post(
     "/envs",
     response_model=schemas.EnvView,
-    openapi_extra=_body(schemas.EnvRequest),
+    openapi_extra=openapi_body(schemas.EnvRequest),
     responses={202: {"model": schemas.EnvView, "description": "building: poll GET ?build=1"}},
 )
 async def build_env(request: Request, who: Principal = Depends(need_deploy)) -> Response:

@@ -1,9 +1,10 @@
 """`GET /metrics`: the server's state in Prometheus' text format, for the server's operator.
 
-Nothing is counted as calls run: the warm path pays nothing for metrics. Each scrape reads what
-the control plane already keeps (job counts per function and status, the jobs in flight and the
-recent ones with their timings, the workers, the policies' spend) and asks the usage rollups for
-GPU seconds, cost and cold starts, then renders it all with prometheus-client.
+Nothing is counted for metrics alone as calls run: each scrape reads what the control plane
+already keeps (job counts per function and status, the jobs in flight, the duration histogram
+the series room adds each ended call to, the workers, the policies' spend) and asks the usage
+rollups, as stored at the last checkpoint (a second ago), for GPU seconds, cost and cold starts,
+then renders it all with prometheus-client. A scrape does not wait for the store's writer.
 
 The operator scrapes it with the default workspace's admin token; `--metrics-port` also
 serves the same text, without a token, on 127.0.0.1 only (`listen`).
@@ -15,11 +16,11 @@ sums the rest into one set whose labels read `_other` (docs/metrics.md).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import time
+import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -37,6 +38,7 @@ from ember.api.bodies import plane
 from ember.api.errors import ApiException
 from ember.control.plane import ControlPlane
 from ember.core.jobs import JobStatus
+from ember.core.series import BUCKETS_S, Durations
 
 router = APIRouter()
 
@@ -46,7 +48,6 @@ OTHER = "_other"
 TAG_KEYS = 20
 """The most tag names usage is broken down by (the first, in name order)."""
 TERMS = ("queue", "cold_start", "load", "exec", "post", "total")
-BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
 
 Values = Mapping[tuple[str, ...], float]
@@ -80,18 +81,17 @@ def _family(
     return family
 
 
-def _histogram(timings: Iterable[Mapping[str, float]]) -> Metric:
+def _histogram(durations: Durations) -> Metric:
     family = HistogramMetricFamily(
         "ember_job_duration_seconds",
-        "Latency terms of the recent jobs the server holds in memory (a window, not since start)",
+        "Latency terms of the jobs ended since this server started",
         labels=["term"],
     )
-    rows = list(timings)
     for term in TERMS:
-        seconds = sorted(t.get(f"{term}_ms", 0.0) / 1000.0 for t in rows)
-        buckets = [(repr(b), float(bisect.bisect_right(seconds, b))) for b in BUCKETS_S]
-        buckets.append(("+Inf", float(len(seconds))))
-        family.add_metric([term], buckets, sum_value=sum(seconds))
+        counts, total = durations.cumulative(f"{term}_ms")
+        bounds = [*(repr(b) for b in BUCKETS_S), "+Inf"]
+        buckets = [(b, float(n)) for b, n in zip(bounds, counts, strict=True)]
+        family.add_metric([term], buckets, sum_value=total)
     return family
 
 
@@ -101,13 +101,18 @@ def _split(function: str) -> tuple[str, str]:
 
 
 def _tag_names(cp: ControlPlane) -> list[str]:
+    """The tag names usage can carry: a job's and a worker's tags are its app's, its
+    function's and its policy's (`JobOps.submit`), so these are all of them, read without
+    going over the jobs in memory."""
     names: set[str] = set()
     for app in cp.deployments.apps.values():
         names.update(app.tags)
-    for w in cp.workers.live():
+        for meta in app.functions.values():
+            names.update(meta.spec.tags)
+    for rules in list(cp.governance.policies.policies.values()):
+        names.update(rules.tags or {})
+    for w in cp.workers.live():  # those of a version since replaced
         names.update(w.tags)
-    for job in (*cp.jobs.jobs.values(), *cp.jobs.recent.values()):
-        names.update(job.tags)
     return sorted(names)[:TAG_KEYS]
 
 
@@ -115,7 +120,6 @@ async def families(cp: ControlPlane) -> list[Metric]:
     """Every metric family, read now: the state of memory first (no await in between), then
     the usage rollups."""
     jobs = list(cp.jobs.jobs.values())
-    recent = list(cp.jobs.recent.values())
     ended: dict[tuple[str, ...], float] = {}
     for (ws, app, fn), counts in cp.jobs.counts.items():
         for status in TERMINAL:
@@ -136,8 +140,6 @@ async def families(cp: ControlPlane) -> list[Metric]:
     workers: Counter[tuple[str, ...]] = Counter(
         (w.pool.workspace, w.pool.app, w.state.value) for w in cp.workers.live()
     )
-    seen = {j.id: j.timings for j in recent if j.timings is not None}
-    seen.update({j.id: j.timings for j in jobs if j.timings is not None})
     spent: dict[tuple[str, ...], float] = {}
     budget: dict[tuple[str, ...], float] = {}
     now = time.time()
@@ -185,7 +187,7 @@ async def families(cp: ControlPlane) -> list[Metric]:
             workers,
             keep=("state",),
         ),
-        _histogram(seen.values()),
+        _histogram(cp.series.durations),
         _family(
             GaugeMetricFamily,
             "ember_budget_spent_usd",
@@ -201,8 +203,28 @@ async def families(cp: ControlPlane) -> list[Metric]:
             budget,
         ),
     ]
-    out += await _usage(cp, tag_names)
+    out += await _usage_read(cp, tag_names)
     return out
+
+
+USAGE_EVERY_S = 5.0
+"""How often a scrape reads the usage rollups again (a query per workspace and tag name, in a
+thread beside the event loop); a scrape in between gets the last reading, so the usage counters
+move in steps of 5 s at most, whatever the scrape interval."""
+
+_read: weakref.WeakKeyDictionary[ControlPlane, tuple[float, tuple[str, ...], list[Metric]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _usage_read(cp: ControlPlane, tag_names: Sequence[str]) -> list[Metric]:
+    now, names = time.monotonic(), tuple(tag_names)
+    last = _read.get(cp)
+    if last is not None and now - last[0] < USAGE_EVERY_S and last[1] == names:
+        return last[2]
+    found = await _usage(cp, names)
+    _read[cp] = (now, names, found)
+    return found
 
 
 async def _usage(cp: ControlPlane, tag_names: Sequence[str]) -> list[Metric]:
@@ -212,13 +234,13 @@ async def _usage(cp: ControlPlane, tag_names: Sequence[str]) -> list[Metric]:
     tag_gpu: dict[tuple[str, ...], float] = {}
     tag_usd: dict[tuple[str, ...], float] = {}
     for ws in [w["name"] for w in await cp.tokens.workspaces()]:
-        for group in await cp.usage(ws, ["function"], None, None, None):
+        for group in await cp.usage(ws, ["function"], None, None, None, fresh=False):
             key = (ws, *_split(group["key"]["function"]))
             gpu[key] = group["gpu_seconds"]
             usd[key] = group["cost_usd"]
             starts[key] = float(group["cold_starts"])
         for tag in tag_names:
-            for group in await cp.usage(ws, [f"tag:{tag}"], None, None, None):
+            for group in await cp.usage(ws, [f"tag:{tag}"], None, None, None, fresh=False):
                 value = group["key"][f"tag:{tag}"]
                 if value:
                     tag_gpu[(ws, tag, value)] = group["gpu_seconds"]

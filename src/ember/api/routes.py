@@ -11,11 +11,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel
 
 from ember.api import schemas
 from ember.api.auth import Principal, need_deploy, need_invoke, need_read
-from ember.api.bodies import audit, call_of_body, json_body, plane
+from ember.api.bodies import audit, call_of_body, json_body, openapi_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse, encode, encode_ascii
 from ember.control.errors import (
@@ -40,23 +39,6 @@ RUNSYNC_WAIT = 60.0
 RUNSYNC_MAX_WAIT = 3600.0
 
 
-def _body(model: type[BaseModel]) -> dict[str, Any]:
-    """Document a JSON body that the handler parses itself (for its own 400/422 messages); it
-    may be left out when none of its fields is required."""
-    schema = model.model_json_schema()
-    return {
-        "requestBody": {
-            "required": bool(schema.get("required")),
-            "content": {"application/json": {"schema": schema}},
-        },
-        "responses": {"400": _BAD_JSON},
-    }
-
-
-_BAD_JSON: dict[str, Any] = {
-    "description": "a request body that is not JSON, or not UTF-8",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-}
 _KEY = Header(
     None,
     alias="Idempotency-Key",
@@ -212,7 +194,7 @@ async def run_job(request: Request, who: Principal, app: str, fn: str, wait: flo
     status_code=202,
     response_model=schemas.Accepted,
     responses=_BUDGET,
-    openapi_extra=_body(schemas.RunRequest),
+    openapi_extra=openapi_body(schemas.RunRequest),
 )
 async def run(
     request: Request,
@@ -232,7 +214,7 @@ async def run(
         **_BUDGET,
         202: {"model": schemas.JobBody, "description": "the job, still running after `wait` s"},
     },
-    openapi_extra=_body(schemas.RunRequest),
+    openapi_extra=openapi_body(schemas.RunRequest),
 )
 async def runsync(
     request: Request,
@@ -361,7 +343,7 @@ async def stream_job(
     "/apps",
     status_code=201,
     response_model=schemas.Deployed,
-    openapi_extra=_body(schemas.DeployRequest),
+    openapi_extra=openapi_body(schemas.DeployRequest),
 )
 async def deploy(request: Request, who: Principal = Depends(need_deploy)) -> Response:
     """Deploy (or redeploy) an app: a new immutable version; old workers drain."""
@@ -409,6 +391,7 @@ async def logs(
     fn: str,
     tail: int = Query(100, ge=0, le=100_000),
     since: float = Query(0.0, ge=0),
+    job: str | None = Query(None, description="only this job's lines"),
     who: Principal = Depends(need_read),
 ) -> Response:
     """Worker output of a function, each line with its job id; `fn` may name a class, for
@@ -421,7 +404,7 @@ async def logs(
     except NotFoundError as exc:
         raise _not_found(exc) from None
     key = f"{who.workspace}/{app}"
-    lines = await asyncio.to_thread(cp.logs.read, key, fn, tail=tail, since=since)
+    lines = await asyncio.to_thread(cp.logs.read, key, fn, tail=tail, since=since, job=job)
     return JSONResponse({"lines": lines})
 
 

@@ -389,3 +389,59 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "request body over the payload limit"},
     422: {"model": ErrorBody, "description": "input that does not fit"},
 }
+
+
+class Whoami(BaseModel):
+    workspace: str
+    scope: Literal["read", "invoke", "deploy", "admin"]
+    token: str = Field(description="the token's name")
+
+
+class SeriesPoint(BaseModel):
+    t: int = Field(description="epoch seconds: the start of the step")
+    calls: int = Field(description="jobs that ended in the step")
+    failed: int = Field(description="of them, FAILED or TIMED_OUT")
+    cold_starts: int = Field(description="of them, jobs that waited for a worker to start")
+    p50: Timings | None = Field(description="the terms of one call at that rank of total_ms")
+    p95: Timings | None
+    p99: Timings | None
+    workers: dict[str, float] = Field(description="mean live workers per state over the step")
+
+
+class SeriesTotals(BaseModel):
+    calls: int
+    failed: int
+    cold_starts: int
+
+
+class SeriesView(BaseModel):
+    window: int
+    step: int
+    now: float
+    points: list[SeriesPoint] = Field(description="oldest first, one per step")
+    totals: SeriesTotals
+
+
+class JobSummary(BaseModel):
+    id: str
+    app: str
+    function: str
+    status: Status
+    created_at: float
+    finished_at: float | None
+    attempts: int
+    total_ms: float | None
+    cost_usd: float | None
+    error_type: str | None
+    tags: dict[str, str]
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as cursor= for the next page; null: last")
+
+
+class JobInput(BaseModel):
+    input: str = Field(description="the input as JSON text, cut at 65536 bytes")
+    bytes: int = Field(description="the full input's size in bytes")
+    truncated: bool

@@ -13,10 +13,9 @@ from fastapi.responses import Response
 
 from ember.api import schemas
 from ember.api.auth import Principal, Scope, need_admin
-from ember.api.bodies import audit, json_body, plane
+from ember.api.bodies import audit, json_body, openapi_body, plane
 from ember.api.errors import ApiException
 from ember.api.responses import JSONResponse
-from ember.api.routes import _body
 from ember.control.errors import ConflictError, NotFoundError
 from ember.control.tokens import TokenRefused
 from ember.core.names import HANDLE_RE, HANDLE_RULE
@@ -54,7 +53,7 @@ def _object(body: Any, allowed: set[str], example: str) -> dict[str, Any]:
     "/workspaces",
     status_code=201,
     response_model=schemas.WorkspaceCreated,
-    openapi_extra=_body(schemas.WorkspaceRequest),
+    openapi_extra=openapi_body(schemas.WorkspaceRequest),
 )
 async def create_workspace(request: Request, who: Principal = Depends(need_admin)) -> Response:
     """Create a workspace and its first admin token (shown once). The server operator only."""
@@ -105,7 +104,7 @@ def _expires_in(value: Any) -> float | None:
     "/tokens",
     status_code=201,
     response_model=schemas.TokenCreated,
-    openapi_extra=_body(schemas.TokenRequest),
+    openapi_extra=openapi_body(schemas.TokenRequest),
 )
 async def create_token(request: Request, who: Principal = Depends(need_admin)) -> Response:
     """A new token of the caller's workspace; its value is in this answer only."""

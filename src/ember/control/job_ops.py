@@ -9,6 +9,7 @@ rooms. Everything here runs on the server's event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from ember.control.errors import NotFoundError, RetryRefused, UnplaceableError, 
 from ember.control.governance import Governance
 from ember.control.jobs import JobBook
 from ember.control.records import Job, Pool
+from ember.control.series import Series
 from ember.control.webhooks import Webhooks
 from ember.core import runpod
 from ember.core.jobs import JobOptions, JobStatus
@@ -45,6 +47,7 @@ class JobOps:
     cluster: Cluster
     dispatch: Dispatcher
     webhooks: Webhooks
+    series: Series
     writer: Writer
     _scale_soon: Callable[[Pool], None]
 
@@ -160,6 +163,7 @@ class JobOps:
         self.dispatch.cancel(job, self.deployments.pool_of(job))
 
     def _job_ended(self, job: Job) -> None:
+        self.series.record(job)
         if (pool := self.deployments.pool_of(job)) is not None:
             pool.last_call_end = job.finished
         if job.options is not None and job.options.webhook is not None:
@@ -236,3 +240,44 @@ class JobOps:
         counts = self.jobs.counts.get(key, Counter())
         tally = views.tally(counts, self.jobs.jobs.values(), key, self.jobs.retried[key])
         return views.health(state, meta.unit, tally)
+
+    # ----------------------------------------------------------------- browsing
+    async def list_jobs(
+        self, which: job_rows.Listing, limit: int
+    ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+        """A page of the workspace's jobs, newest first, and where the next one starts (None:
+        the last page). Jobs in flight are read from memory: their rows may be behind (the
+        store is written in the background) or not written yet (a runsync answered first)."""
+        live = {j.id: j for j in self.jobs.jobs.values() if j.workspace == which.workspace}
+        found = [job_rows.summary(j.body()) for j in live.values() if which.admits(j)]
+        after, stored = which.after, 0
+        while stored <= limit:
+            page = dataclasses.replace(which, after=after)
+            batch = await asyncio.to_thread(job_rows.listing, self.engine, page, limit + 1)
+            kept = [r for r in batch if r["id"] not in live]
+            found += kept
+            stored += len(kept)
+            if len(batch) <= limit:
+                break
+            after = (batch[-1]["created_at"], batch[-1]["id"])
+        found.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        if len(found) <= limit:
+            return found, None
+        last = found[limit - 1]
+        return found[:limit], (last["created_at"], last["id"])
+
+    async def job_input(self, workspace: str, job_id: str) -> dict[str, Any]:
+        """A job's input as JSON text, cut for a page; NotFoundError as for `get_job`."""
+        found = await self.jobs.get(workspace, job_id)
+        if isinstance(found, Job):
+            return job_rows.input_view(found.input_json)
+        text = await asyncio.to_thread(job_rows.load_input, self.engine, job_id)
+        if text is None:  # pruned since
+            raise NotFoundError("job_not_found", f"no job with id {job_id!r} in this workspace")
+        return job_rows.input_view(text)
+
+    def series_view(
+        self, workspace: str, app: str | None, fn: str | None, window: int, step: int
+    ) -> dict[str, Any]:
+        """The last `window` s of calls and workers (`core.series.BadQuery` for bad ranges)."""
+        return self.series.view(workspace, app, fn, window, step, time.time())

@@ -240,3 +240,120 @@ def prune_batch(conn: Connection, cutoff: float, now: float | None = None) -> in
     )
     result = conn.execute(delete(tables.jobs).where(j.id.in_(ids.scalar_subquery())))
     return int(result.rowcount or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Which of a workspace's jobs a listing wants, newest first (created_at, then id)."""
+
+    workspace: str
+    app: str | None = None
+    function: str | None = None
+    statuses: frozenset[str] | None = None
+    since: float | None = None
+    id_prefix: str | None = None
+    after: tuple[float, str] | None = None
+    """The (created_at, id) of the last job of the page before: only older ones."""
+
+    def admits(self, job: Job) -> bool:
+        """Whether a job in memory is one of the listing's (as `listing` reads the store)."""
+        if job.workspace != self.workspace:
+            return False
+        if self.app is not None and job.app != self.app:
+            return False
+        if self.function is not None and job.function != self.function:
+            return False
+        if self.statuses is not None and job.status.value not in self.statuses:
+            return False
+        if self.since is not None and job.created_at < self.since:
+            return False
+        if self.id_prefix is not None and not job.id.startswith(self.id_prefix):
+            return False
+        if self.after is not None and (job.created_at, job.id) >= self.after:
+            return False
+        o = job.options
+        return o is None or not past_retention(job.finished_at, o.retain_s, time.time())
+
+
+_SUMMARY = [
+    tables.jobs.c[name]
+    for name in (
+        *("id", "app", "function", "status", "created_at", "finished_at", "attempts"),
+        *("timings", "cost", "error", "tags"),
+    )
+]
+
+
+def _like(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def listing(engine: Engine, which: Listing, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` stored jobs of the listing, newest first, as summaries (blocking)."""
+    j = tables.jobs.c
+    now = time.time()
+    stmt = select(*_SUMMARY).where(
+        j.workspace == which.workspace,
+        or_(j.retain_s.is_(None), j.finished_at.is_(None), j.finished_at + j.retain_s >= now),
+    )
+    if which.app is not None:
+        stmt = stmt.where(j.app == which.app)
+    if which.function is not None:
+        stmt = stmt.where(j.function == which.function)
+    if which.statuses is not None:
+        stmt = stmt.where(j.status.in_(sorted(which.statuses)))
+    if which.since is not None:
+        stmt = stmt.where(j.created_at >= which.since)
+    if which.id_prefix:
+        stmt = stmt.where(j.id.like(_like(which.id_prefix), escape="\\"))
+    if which.after is not None:
+        at, last = which.after
+        stmt = stmt.where(or_(j.created_at < at, (j.created_at == at) & (j.id < last)))
+    stmt = stmt.order_by(j.created_at.desc(), j.id.desc()).limit(limit)
+    with engine.connect() as conn:
+        return [summary(r) for r in conn.execute(stmt).mappings()]
+
+
+def summary(found: Any) -> dict[str, Any]:
+    """A job's line in a listing, from its row (JSON text columns) or its body (decoded)."""
+
+    def decoded(name: str) -> Any:
+        value = found[name]
+        return json.loads(value) if isinstance(value, str) and value else value or None
+
+    timings, cost, error, tags = (decoded(n) for n in ("timings", "cost", "error", "tags"))
+    return {
+        "id": found["id"],
+        "app": found["app"],
+        "function": found["function"],
+        "status": found["status"],
+        "created_at": found["created_at"],
+        "finished_at": found["finished_at"],
+        "attempts": found["attempts"],
+        "total_ms": timings.get("total_ms") if timings else None,
+        "cost_usd": cost.get("usd") if cost else None,
+        "error_type": error.get("type") if error else None,
+        "tags": tags or {},
+    }
+
+
+INPUT_VIEW_BYTES = 65536
+"""The most of a job's input `GET /v1/jobs/{id}/input` shows (a browser's page, not a dump)."""
+
+
+def load_input(engine: Engine, job_id: str) -> str | None:
+    """A stored job's input, as JSON text (blocking)."""
+    with engine.connect() as conn:
+        found = conn.execute(select(tables.jobs.c.input).where(tables.jobs.c.id == job_id)).first()
+    return None if found is None else str(found[0])
+
+
+def input_view(text: str, limit: int = INPUT_VIEW_BYTES) -> dict[str, Any]:
+    """The input's first `limit` bytes of UTF-8, cut before a character rather than in one."""
+    if text.isascii():
+        return {"input": text[:limit], "bytes": len(text), "truncated": len(text) > limit}
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return {"input": text, "bytes": len(data), "truncated": False}
+    cut = data[:limit].decode("utf-8", "ignore")  # drops only the character cut in two
+    return {"input": cut, "bytes": len(data), "truncated": True}

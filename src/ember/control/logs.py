@@ -118,9 +118,16 @@ class LogStore:
         self._files.clear()
 
     def read(
-        self, app: str, function: str, *, tail: int = 100, since: float = 0.0
+        self,
+        app: str,
+        function: str,
+        *,
+        tail: int = 100,
+        since: float = 0.0,
+        job: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The last `tail` lines of `function` (or of its class, for lines outside any job)."""
+        """The last `tail` lines of `function` (or of its class, for lines outside any job);
+        with `job`, that job's lines only."""
         self.flush()
         chunk = b""
         for path in (self.path(app), self.previous(app)):  # newest first, up to TAIL_BYTES
@@ -142,6 +149,8 @@ class LogStore:
                 continue  # the first line of a chunk may be cut
             # a class (`function` is its unit) shows its methods' lines too
             fn = rec["function"]
+            if job is not None and rec.get("job") != job:
+                continue
             if rec["ts"] > since and (fn in (function, unit) or fn.startswith(function + ".")):
                 out.append(rec)
         return out[-tail:] if tail > 0 else out

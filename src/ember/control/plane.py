@@ -9,7 +9,8 @@ Each room owns one kind of state (see docs/architecture.md):
 - `workers.Workers`: the worker lifecycle and the control channel, over a `Backend`;
 - `governance.Governance`: usage policies, spend and budgets; `secrets.SecretBook`: secrets;
 - `tokens.TokenBook`: workspaces and tokens; `meter.Meter`: usage records; `audit`, `logs`;
-- `cluster.Cluster`: on a store several servers share, which one schedules.
+- `cluster.Cluster`: on a store several servers share, which one schedules;
+- `series.Series`: the last hour of calls and workers, for charts.
 
 Rooms never import each other: each says what it needs from outside as a small dataclass of
 callables (`dispatch.Outside`, `scaling.Facts`, `workers.Events`), and this module, the only one
@@ -49,6 +50,7 @@ from ember.control.records import AppState, FunctionMeta, Pool, Worker
 from ember.control.rollups import summarize_usage
 from ember.control.scaling import Facts, Scaler
 from ember.control.secrets import SecretBook
+from ember.control.series import Series
 from ember.control.settings import Settings
 from ember.control.tokens import TokenBook
 from ember.control.vault import Vault
@@ -91,6 +93,7 @@ class ControlPlane(JobOps):
             self.environments.runtime,
             settings.bundle_limit,
         )
+        self.series = Series()
         self.jobs = JobBook(engine, settings.prices, self._job_ended, settings.quotas)
         self.webhooks = Webhooks(backoff_s=settings.webhook_backoff_s)
         self.cluster = Cluster(
@@ -221,6 +224,7 @@ class ControlPlane(JobOps):
                 self._scale(pool)
             self.backend.sweep(self.settings.template_idle_s, self.settings.template_memory)
             self.logs.flush()
+            self.series.sample(self.workers.live(), time.time())
             if time.monotonic() - last_checkpoint >= self.settings.checkpoint_s:
                 last_checkpoint = time.monotonic()
                 self.checkpoint()
@@ -407,10 +411,15 @@ class ControlPlane(JobOps):
         since: float | None,
         until: float | None,
         granularity: str | None,
+        *,
+        fresh: bool = True,
     ) -> list[dict[str, Any]]:
         """Usage totals per group, metered up to this instant (raises ValueError for bad groups).
-        Rollups and edge records, summed in a thread: the loop serves other requests meanwhile."""
+        Rollups and edge records, summed in a thread: the loop serves other requests meanwhile.
+        `fresh=False`: as stored, up to the last checkpoint (a second ago), without waiting for
+        the writer's queue, which under load holds seconds of job rows (a scrape need not)."""
         check_query(group_by, granularity)
-        await self.flush()
+        if fresh:
+            await self.flush()
         query = (workspace, group_by, since, until, granularity, self.settings.prices)
         return await asyncio.to_thread(summarize_usage, self.engine, *query)

@@ -115,6 +115,7 @@ Index("ux_jobs_idempotency", jobs.c.workspace, jobs.c.idempotency_key, unique=Tr
 Index("ix_jobs_workspace", jobs.c.workspace)
 Index("ix_jobs_app_function", jobs.c.app, jobs.c.function)
 Index("ix_jobs_finished_at", jobs.c.finished_at)
+Index("ix_jobs_workspace_created", jobs.c.workspace, jobs.c.created_at)  # listings (0009)
 
 workers = Table(
     "workers",

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp
 
-from ember import __version__
+from ember import __version__, web
 from ember.api import admin, browse, environments, errors, metrics, runpod, tenancy
 from ember.api.auth import Auth, Principal, ensure_token
 from ember.api.bodies import audit
@@ -84,6 +84,9 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         description="Deploy a Python function, call it over HTTP, scale to zero.",
+        # /docs and /redoc come from ember.web, with vendored scripts instead of FastAPI's CDN ones
+        docs_url=None,
+        redoc_url=None,
         **_NO_TELEMETRY,
     )
     app.state.plane = cp
@@ -109,6 +112,7 @@ def create_app(
     app.include_router(environments.router)
     app.include_router(runpod.router)  # RunPod's client API, /runpod/v2
     app.include_router(metrics.router)  # GET /metrics, for the operator (docs/metrics.md)
+    app.include_router(web.router)  # the dashboard (/ui) and the API reference (/docs, /redoc)
     # Calls skip FastAPI's stack (`Invoke`); the payload limit applies to every request, but
     # a bundle upload, whose own limit is the bundle's (checked again as it is unpacked).
     bundle_max = max(max_payload, settings.bundle_limit + (1 << 20))

@@ -33,10 +33,15 @@ _HOP = frozenset(
 RETRY_AFTER_S = 1
 
 
+_PAGES = ("/ui", "/docs", "/redoc", "/openapi.json")
+
+
 def served_here(method: str, path: str) -> bool:
-    """What a standby answers itself: calls (into the store), a job's state, its health."""
+    """What a standby answers itself: calls (into the store), a job's state, its health, and
+    the pages and assets that hold no data (the dashboard's own calls go to the scheduler)."""
     return (
         path == "/v1/health"
+        or (method in ("GET", "HEAD") and (path in _PAGES or path.startswith("/ui/")))
         or call_of(method, path, b"") is not None
         or (method == "GET" and _JOB.fullmatch(path) is not None)
     )

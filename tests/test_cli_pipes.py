@@ -135,3 +135,20 @@ def test_csv_keeps_every_digit_of_cost(metered: Server) -> None:
     header, row = proc.stdout.strip().splitlines()
     cost = row.split(",")[header.split(",").index("cost_usd")]
     assert float(cost) > 0, cost
+
+
+def test_jobs_lists_filters_and_pages(metered: Server) -> None:
+    more = [spawn(metered, APP_NAME, FN_NAME, x=x) for x in range(3)]
+    for job in more:
+        result(metered, job)
+    table = piped(metered, "jobs", f"{APP_NAME}/{FN_NAME}")
+    assert all(job in table for job in more) and "COMPLETED" in table
+    page = as_json(metered, "jobs", APP_NAME, "--limit", "2")
+    assert [j["id"] for j in page["jobs"]] == more[:0:-1]  # newest first
+    rest = as_json(metered, "jobs", APP_NAME, "--limit", "2", "--cursor", page["next_cursor"])
+    assert rest["jobs"][0]["id"] == more[0] and len(rest["jobs"]) == 2  # and the first call
+    assert rest["next_cursor"] is None
+    assert as_json(metered, "jobs", "--status", "FAILED")["jobs"] == []
+    assert piped(metered, "jobs", "--id", more[1][:12]).count(more[1]) == 1
+    bad = ember(metered, "jobs", "--status", "DONE")
+    assert bad.returncode != 0 and "status" in bad.stderr

@@ -25,6 +25,7 @@ from ember.cli.common import (
 )
 from ember.cli.endpoints import endpoints
 from ember.cli.envs import env_app
+from ember.cli.jobs import jobs
 from ember.cli.serving import (
     AdvertiseOption,
     BackendName,
@@ -387,6 +388,7 @@ def logs(
 
 
 app.command()(usage)
+app.command()(jobs)
 
 
 @app.command()

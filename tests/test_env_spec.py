@@ -29,6 +29,10 @@ def test_an_env_is_plain_data_hashed_from_its_content() -> None:
     assert base.pip_install("x").spec.packages == ("x",) and base.spec.packages == ()
 
 
+def test_null_is_the_same_as_left_out() -> None:
+    assert EnvSpec.from_dict({"packages": None, "variables": None}) == EnvSpec.from_dict({})
+
+
 @pytest.mark.parametrize(
     ("raw", "words"),
     [
@@ -39,6 +43,8 @@ def test_an_env_is_plain_data_hashed_from_its_content() -> None:
         ({"variables": {"EMBER_X": "1"}}, ["set by the platform"]),
         ({"variables": {"LD_PRELOAD": "/x.so"}}, ["set by the platform"]),
         ({"variables": {"K": 3}}, ["must be a string"]),
+        ({"variables": False}, ["variables must be an object"]),
+        ({"packages": False}, ["packages must be a list"]),
         ({"lock": ["six==1.16.0"], "packages": ["x"]}, ["installs the lock alone"]),
         ({"colour": "red"}, ["unknown environment field 'colour'"]),
     ],

@@ -61,6 +61,8 @@ SEMANTIC = {
     "GET /v1/audit": "since/until are epoch seconds or ISO 8601",
     "PUT /v1/bundles/{digest}": "the body must be a zip archive whose sha256 is the digest",
     "POST /v1/envs": "packages must be requirements of packages the index has, with wheels",
+    "GET /v1/series": "step is at most half the window",
+    "GET /v1/jobs": "a cursor is one that a page of the listing gave",
 }
 """Operations whose input the server checks for meaning beyond what a JSON Schema can say, so
 that some schema-valid requests get a deliberate 422: `positive_data_acceptance` is off for

@@ -46,8 +46,10 @@ async def series(
     request: Request,
     app: str | None = Query(None, description="one app's calls (default: the workspace's)"),
     function: str | None = Query(None, description="one function of `app` (a class: its methods)"),
-    window: int = Query(3600, description="seconds back from now, 60 to 3600"),
-    step: int = Query(10, description="seconds per point, a multiple of 10 up to window/2"),
+    window: int = Query(3600, ge=60, le=3600, description="seconds back from now"),
+    step: int = Query(
+        10, ge=10, le=1800, multiple_of=10, description="seconds per point, up to window/2"
+    ),
     who: Principal = Depends(need_read),
 ) -> Response:
     """Calls, failures, cold starts, latency percentiles and workers by state over the last
@@ -113,14 +115,12 @@ async def list_jobs(
     ),
     since: float | None = Query(None, description="epoch seconds: jobs created since"),
     id: str | None = Query(None, description="the start of a job id"),
-    limit: int = Query(50, description=f"jobs per page, 1 to {MAX_LIMIT}"),
+    limit: int = Query(50, ge=1, le=MAX_LIMIT, description="jobs per page"),
     cursor: str | None = Query(None, description="the next_cursor of the page before"),
     who: Principal = Depends(need_read),
 ) -> Response:
     """The workspace's jobs, newest first, a page at a time (those still kept: see
     --job-retention)."""
-    if not 1 <= limit <= MAX_LIMIT:
-        raise _bad(f"limit={limit} is out of range: give 1 to {MAX_LIMIT} jobs per page")
     if since is not None and not math.isfinite(since):
         raise _bad(f"since={since} is not a finite time: give epoch seconds")
     which = Listing(

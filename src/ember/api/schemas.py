@@ -133,9 +133,13 @@ class BundleInfo(BaseModel):
 class EnvSpecBody(BaseModel):
     base: Literal["standard", "ai"] = "standard"
     python: str | None = Field(None, pattern=r"^3\.\d{1,2}$")
-    packages: list[str] = Field(default_factory=list, description="requirements: `pkg==1.2`")
+    packages: list[str] | None = Field(
+        None, description="requirements: `pkg==1.2` (null or left out: none)"
+    )
     lock: list[str] | None = Field(None, description="`name==version --hash=...` lines")
-    variables: dict[str, str] = Field(default_factory=dict)
+    variables: dict[str, str] | None = Field(
+        None, description="what its workers' environment gets (null or left out: none)"
+    )
 
 
 class EnvRequest(BaseModel):

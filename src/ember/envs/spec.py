@@ -70,14 +70,16 @@ class EnvSpec:
         python = d.get("python")
         if python is not None and (not isinstance(python, str) or not PYTHON_RE.match(python)):
             raise EnvSpecError(f"python must be a version such as '3.11', got {python!r}")
-        packages = _strings(d.get("packages") or [], "packages", MAX_PACKAGES)
+        found = d.get("packages")
+        packages = _strings([] if found is None else found, "packages", MAX_PACKAGES)
         lock = d.get("lock")
         if lock is not None:
             # a lock line carries every file's hash of its release: numpy's is long
             lock = tuple(_strings(lock, "lock", MAX_LOCK_LINES, longest=1 << 16))
             if packages:
                 raise EnvSpecError("an Env from a lock installs the lock alone: add no packages")
-        variables = d.get("variables") or {}
+        variables = d.get("variables")
+        variables = {} if variables is None else variables  # but `false` or `[]` is a mistake
         if not isinstance(variables, dict) or len(variables) > MAX_VARS:
             raise EnvSpecError(f"variables must be an object of at most {MAX_VARS} names")
         for k, v in variables.items():

@@ -133,7 +133,7 @@ def watch(
             tick = 0
             while not halt.wait(1.0):
                 window = 3600 if tick % 60 == 0 else 60
-                client.get("/v1/series", params={"window": window, "step": 10})
+                client.get("/v1/series", params={"window": window, "step": 30})
                 seen["series_polls"] += 1
                 if tick % 2 == 0:
                     client.get("/v1/jobs", params={"limit": 50})

@@ -54,8 +54,6 @@ async def series(
 ) -> Response:
     """Calls, failures, cold starts, latency percentiles and workers by state over the last
     hour (at most), one point per step: kept in memory by the scheduling server."""
-    if function and not app:
-        raise _bad("function= needs app=: name the app the function belongs to")
     try:
         view = plane(request).series_view(
             who.workspace, app or None, function or None, window, step
